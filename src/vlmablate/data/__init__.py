@@ -1,0 +1,1 @@
+"""Data: LLaVA-format sources, conversation templates and label masking, batching."""

@@ -1,0 +1,1 @@
+"""Models: load or compose an HF Llava / LlavaNext checkpoint, quantize, freeze, add LoRA, account."""
