@@ -1,0 +1,351 @@
+"""Typed config schemas, registered in Hydra's ConfigStore, and the cross-field rules.
+
+Each config group (`model`, `vision`, `projector`, `freeze`, `quant`, `data`, `stage`, `train`,
+`eval`, `logger`) has one dataclass here; the YAML files under `conf/` only supply values, so a
+misspelt key or a wrong type fails when Hydra composes. `validate` checks the rules that span
+several groups before any weights are loaded, each failure saying what to change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run; the message says what to change."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of `model=tiny_random` (built in code, nothing downloaded)."""
+
+    arch: str = "llava"  # llava | llava_next
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden: int = 32
+    vision_layers: int = 3
+    text_hidden: int = 64
+    text_layers: int = 2
+    vocab_size: int = 600
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to load, or which parts to compose into one Llava model."""
+
+    name: str = MISSING
+    # pretrained: a Llava / LlavaNext checkpoint (hub id or folder) with its processor;
+    # compose: vision encoder + causal LM + fresh projector; tiny_random: built in code.
+    source: str = "pretrained"
+    checkpoint: Optional[str] = None
+    vision_checkpoint: Optional[str] = None
+    llm_checkpoint: Optional[str] = None
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"
+    # Chat template for stage 2: null = the tokenizer's own (Vicuna v1 when it has none).
+    chat_template: Optional[str] = None
+    # Stage-1 projector weights to start from (LLaVA's --pretrain_mm_mlp_adapter).
+    pretrained_projector: Optional[str] = None
+    torch_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    max_length: int = 2048
+    trust_remote_code: bool = False
+    cache_dir: Optional[str] = None  # where tiny/composed checkpoints are built
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on one component, targeted by module names anchored to that component's path."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # Leaf names of the linear layers inside the component; "all-linear" = every nn.Linear in it.
+    targets: Any = "all-linear"
+
+
+@dataclass
+class VisionConfig:
+    """Vision encoder policy: frozen | unfrozen | lora | last_n (last N encoder blocks)."""
+
+    policy: str = "frozen"
+    last_n: int = 0
+    lr: Optional[float] = None  # null = the stage's learning rate
+    lora: LoraConfig = field(default_factory=LoraConfig)  # read only when policy=lora
+
+
+@dataclass
+class ProjectorConfig:
+    """Connector type (linear | mlp2x_gelu) and whether it trains."""
+
+    type: str = "mlp2x_gelu"
+    trainable: bool = True
+    lr: Optional[float] = None  # LLaVA's mm_projector_lr; null = the stage's learning rate
+
+
+@dataclass
+class FreezeConfig:
+    """Language model policy: frozen_llm | lora_llm | full_llm."""
+
+    name: str = MISSING
+    policy: str = "frozen"  # frozen | lora | full
+    lr: Optional[float] = None  # null = the stage's learning rate
+    lora: LoraConfig = field(default_factory=LoraConfig)  # read only when policy=lora
+
+
+@dataclass
+class QuantConfig:
+    """bitsandbytes quantization of the language model only."""
+
+    mode: str = "none"  # none | nf4 | int8
+    double_quant: bool = True
+
+
+@dataclass
+class SourceConfig:
+    """One data source in LLaVA JSON layout."""
+
+    name: str = MISSING
+    kind: str = "llava_json"  # llava_json | synthetic_caption | synthetic_instruct
+    path: Optional[str] = None
+    image_root: Optional[str] = None
+    num_records: int = 64  # synthetic sources only
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    sources: list[SourceConfig] = field(default_factory=list)
+    seed: int = 0
+    cache_dir: Optional[str] = None
+    preflight_records: int = 256
+
+
+@dataclass
+class StageConfig:
+    """A training stage: template, base learning rate, image mode, and where the projector comes from."""
+
+    name: str = MISSING  # align | instruct | single
+    template: str = "chat"  # plain | chat
+    lr: float = 2e-5
+    image_aspect: str = "pad"  # square | pad
+    # The recipe's global batch (LLaVA: 256 in stage 1, 128 in stage 2); presets with
+    # train.gradient_accumulation_steps=null derive their accumulation from it.
+    global_batch_size: Optional[int] = None
+    # A composed model's projector is fresh: instruct needs stage-1 weights, single trains it from scratch.
+    requires_pretrained_projector: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """TrainingArguments preset (only the fields vlmablate reads or sets)."""
+
+    name: str = MISSING
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: Optional[int] = 1  # null = stage.global_batch_size / (batch × world size)
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+    save_steps: int = 500
+    save_total_limit: Optional[int] = 2
+    dataloader_num_workers: int = 0
+    seed: int = 42
+    deepspeed: Optional[str] = None  # a name under conf/deepspeed/ (zero2, zero3) or a JSON path
+    use_cpu: bool = False
+    export_merged: bool = False  # LoRA runs: also write a merged Llava checkpoint
+
+
+@dataclass
+class EvalConfig:
+    name: str = "none"
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: str = "vlmablate"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    mode: str = "auto"  # auto (offline without an API key) | online | offline
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    vision: VisionConfig = MISSING
+    projector: ProjectorConfig = MISSING
+    freeze: FreezeConfig = MISSING
+    quant: QuantConfig = MISSING
+    data: DataConfig = MISSING
+    stage: StageConfig = MISSING
+    train: TrainConfig = MISSING
+    eval: EvalConfig = MISSING
+    logger: LoggerConfig = MISSING
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "vision": VisionConfig,
+    "projector": ProjectorConfig,
+    "freeze": FreezeConfig,
+    "quant": QuantConfig,
+    "data": DataConfig,
+    "stage": StageConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "logger": LoggerConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the run schema and one `base_<group>` schema per group (YAML files extend them)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_run", node=RunConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"base_{group}", node=schema)
+
+
+# --- cross-field rules ----------------------------------------------------------------------------
+
+_CHOICES = {
+    "model.source": ("pretrained", "compose", "tiny_random"),
+    "model.tiny.arch": ("llava", "llava_next"),
+    "model.torch_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "vision.policy": ("frozen", "unfrozen", "lora", "last_n"),
+    "projector.type": ("mlp2x_gelu", "linear"),
+    "freeze.policy": ("frozen", "lora", "full"),
+    "quant.mode": ("none", "nf4", "int8"),
+    "stage.name": ("align", "instruct", "single"),
+    "stage.template": ("plain", "chat"),
+    "stage.image_aspect": ("square", "pad"),
+    "logger.name": ("none", "wandb"),
+    "logger.mode": ("auto", "online", "offline"),
+}
+
+
+def _get(cfg: RunConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_run_config(cfg: Any) -> RunConfig:
+    """Turn a composed DictConfig into typed `RunConfig` objects (once, at the edge)."""
+    if isinstance(cfg, RunConfig):
+        return cfg
+    # Through a plain container: a key forced in with `++group.key=...` must still fail the schema.
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), plain))
+
+
+def _override_keys(overrides: Sequence[str]):
+    """(key, value) of command-line overrides such as `+freeze.lora.r=64`."""
+    for item in overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        yield key, value
+
+
+def validate(cfg: RunConfig, overrides: Sequence[str] = ()) -> None:
+    """Check every rule that spans groups; raise ConfigError naming what to change.
+
+    `overrides` are the command line's (Hydra's `hydra.overrides.task`): LoRA settings typed for a
+    component whose policy has no LoRA are an error, not something to ignore silently.
+    """
+    for dotted, choices in _CHOICES.items():
+        value = _get(cfg, dotted)
+        if value not in choices:
+            raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(choices)}")
+
+    vision_trains = cfg.vision.policy != "frozen"
+    if not (vision_trains or cfg.projector.trainable or cfg.freeze.policy != "frozen"):
+        raise ConfigError(
+            "nothing is trainable: vision=frozen, projector.trainable=false and freeze=frozen_llm. "
+            "Train at least one part, e.g. projector.trainable=true or freeze=lora_llm."
+        )
+    if cfg.vision.policy == "last_n" and cfg.vision.last_n < 1:
+        raise ConfigError("vision=last_n needs vision.last_n >= 1 (the number of final encoder blocks to train)")
+    if cfg.vision.policy != "last_n" and cfg.vision.last_n:
+        raise ConfigError(f"vision.last_n={cfg.vision.last_n} is set but vision={cfg.vision.policy}; use vision=last_n")
+    if cfg.quant.mode != "none" and cfg.freeze.policy == "full":
+        raise ConfigError(
+            f"quant={cfg.quant.mode} with freeze=full_llm: a quantized language model cannot be fully "
+            "fine-tuned. Use freeze=lora_llm (QLoRA) or quant=none."
+        )
+    for key, policy in _override_keys(overrides):
+        if key.startswith("freeze.lora") and cfg.freeze.policy != "lora":
+            raise ConfigError(f"{key} is set but freeze={cfg.freeze.name} has no LoRA; use freeze=lora_llm or drop it")
+        if key.startswith("vision.lora") and cfg.vision.policy != "lora":
+            raise ConfigError(f"{key} is set but vision={cfg.vision.policy} has no LoRA; use vision=lora or drop it")
+    for name, lora, used in (("freeze.lora", cfg.freeze.lora, cfg.freeze.policy == "lora"),
+                             ("vision.lora", cfg.vision.lora, cfg.vision.policy == "lora")):
+        if used and (lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1):
+            raise ConfigError(f"{name}: r must be >= 1, alpha > 0 and 0 <= dropout < 1 (got {lora})")
+    if cfg.train.bf16 and cfg.train.fp16:
+        raise ConfigError("train.bf16 and train.fp16 are both true; pick one")
+    if cfg.model.source == "compose" and not (cfg.model.vision_checkpoint and cfg.model.llm_checkpoint):
+        raise ConfigError("model.source=compose needs model.vision_checkpoint and model.llm_checkpoint")
+    if cfg.model.source == "pretrained" and not cfg.model.checkpoint:
+        raise ConfigError("model.source=pretrained needs model.checkpoint (a hub id or a local folder)")
+    if cfg.model.source != "compose" and cfg.projector.type == "linear":
+        raise ConfigError(
+            f"projector=linear needs a composed model (model.source=compose); {cfg.model.name} ships its own "
+            "mlp2x_gelu projector"
+        )
+    _validate_projector_lineage(cfg)
+    if not cfg.data.sources:
+        raise ConfigError(f"data={cfg.data.name} lists no sources")
+
+
+def _validate_projector_lineage(cfg: RunConfig) -> None:
+    path = cfg.model.pretrained_projector
+    if cfg.stage.name == "align" and path:
+        raise ConfigError("stage=align trains a projector from scratch; drop model.pretrained_projector")
+    if path is None:
+        if cfg.stage.requires_pretrained_projector and cfg.model.source == "compose":
+            raise ConfigError(
+                f"stage={cfg.stage.name} on a composed model needs stage-1 projector weights: set "
+                "model.pretrained_projector=RUN_DIR/projector (from a stage=align run), or use stage=single "
+                "to train a fresh projector without alignment"
+            )
+        return
+    from vlmablate.model.projector_io import read_projector_meta  # light: reads JSON only
+
+    meta_path = Path(path)
+    if not meta_path.exists():
+        raise ConfigError(
+            f"model.pretrained_projector={path} does not exist; point it at the `projector` folder of a "
+            "stage=align run"
+        )
+    meta = read_projector_meta(meta_path)
+    if meta["projector_type"] != cfg.projector.type:
+        raise ConfigError(
+            f"model.pretrained_projector={path} holds a {meta['projector_type']} projector but "
+            f"projector={cfg.projector.type}; set projector={meta['projector_type']}"
+        )
+
+
+def config_hash(cfg: RunConfig | dict) -> str:
+    """A short stable hash of a resolved config (used to name and find artifacts)."""
+    import hashlib
+
+    data = cfg if isinstance(cfg, dict) else OmegaConf.to_container(OmegaConf.structured(cfg))
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]

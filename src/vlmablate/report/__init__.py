@@ -1,0 +1,1 @@
+"""Reporting: W&B logging of runs (comparison tables and plots over sweeps come later)."""

@@ -1,0 +1,71 @@
+"""Weights & Biases for one run: flat config keys, stage as job type, policies as tags.
+
+Without an API key the run is offline (sync it later with `wandb sync`); any W&B failure is
+logged and training goes on: experiment tracking must never block or crash a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from vlmablate.config import LoggerConfig
+
+log = logging.getLogger(__name__)
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """{"freeze": {"name": "lora_llm"}} → {"freeze.name": "lora_llm"}, so W&B can group by any key."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_config(value, prefix=name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def resolve_mode(cfg: LoggerConfig) -> str:
+    if cfg.mode != "auto":
+        return cfg.mode
+    return "online" if _has_api_key() else "offline"
+
+
+def start_wandb(cfg: LoggerConfig, config: dict, *, run_dir: Path, job_type: str, tags: list[str]):
+    """Start the run (Trainer's W&B callback then logs into it); None when logging is off or fails."""
+    if cfg.name != "wandb":
+        return None
+    try:
+        import wandb
+
+        run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, job_type=job_type,
+                         tags=[*tags, *cfg.tags], config=config, dir=str(run_dir), mode=resolve_mode(cfg),
+                         name=run_dir.name, reinit="finish_previous")
+        log.info("W&B run %s (%s mode) in %s", run.id, resolve_mode(cfg), run.dir)
+        return run
+    except Exception as exc:  # tracking is optional; never let it take the run down
+        log.warning("W&B could not start (%s); training continues without it", exc)
+        return None
+
+
+def finish_wandb(run, summary: dict) -> None:
+    if run is None:
+        return
+    try:
+        run.summary.update(flat_config({k: v for k, v in summary.items() if k in ("status", "params", "train", "eval")}))
+        offline = run.settings.mode == "offline"
+        run_path = Path(run.dir).parent
+        run.finish()
+        if offline:
+            log.info("W&B ran offline; upload with: wandb sync %s", run_path)
+    except Exception as exc:
+        log.warning("W&B could not finish cleanly (%s)", exc)

@@ -1,0 +1,111 @@
+"""What a checkpoint holds, derived from the plan (LLaVA's selective saving, without its gaps).
+
+- projector trainable → `projector/` (mm_projector.safetensors + projector.json), at every
+  checkpoint, so a stage-2 run or a resume always finds it;
+- any LoRA → `adapter/` (PEFT adapter) + `non_lora_trainables.safetensors` (projector, unfrozen
+  vision blocks: the weights LoRA checkpoints elsewhere forget);
+- a fully trained LLM → `model/`, a complete HF checkpoint with its processor;
+- otherwise trainable vision blocks → `trainables.safetensors`.
+Every checkpoint also carries `vlmablate_plan.json`: the resolved config, the plan and the
+parameter table (what was trainable).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlmablate.model.plan import FreezePlan, base_name, component_of, is_lora_param, unwrap
+from vlmablate.model.projector_io import save_projector
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "vlmablate_plan.json"
+NON_LORA_FILE = "non_lora_trainables.safetensors"
+TRAINABLES_FILE = "trainables.safetensors"
+
+
+def _trainable_state(model: nn.Module, *, exclude_projector: bool) -> dict[str, torch.Tensor]:
+    """Trainable non-LoRA weights by their base (unwrapped HF) names, on the CPU."""
+    return {
+        base_name(n): p.detach().to("cpu").contiguous().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and not is_lora_param(n) and not (exclude_projector and component_of(n) == "projector")
+    }
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def save_artifacts(model: nn.Module, plan: FreezePlan, folder: str | os.PathLike, *, processor=None,
+                   plan_record: dict) -> dict[str, str]:
+    """Write what the plan says is worth keeping into `folder`; return {artifact: path}."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    if plan.projector.trainable:
+        save_projector(model, folder / "projector", projector_type=plan.projector_type,
+                       extra={"lineage": plan_record.get("lineage")})
+        written["projector"] = str(folder / "projector")
+    if plan.uses_lora:
+        model.save_pretrained(folder / "adapter")
+        non_lora = _trainable_state(model, exclude_projector=False)
+        if non_lora:
+            save_file(non_lora, folder / NON_LORA_FILE)
+            written["non_lora_trainables"] = str(folder / NON_LORA_FILE)
+        written["adapter"] = str(folder / "adapter")
+    elif plan.llm.mode == "full":
+        unwrap(model).save_pretrained(folder / "model")
+        if processor is not None:
+            processor.save_pretrained(folder / "model")
+        written["model"] = str(folder / "model")
+    else:
+        rest = _trainable_state(model, exclude_projector=True)
+        if rest:
+            save_file(rest, folder / TRAINABLES_FILE)
+            written["trainables"] = str(folder / TRAINABLES_FILE)
+    _atomic_json(folder / PLAN_FILE, {**plan_record, "artifacts": written})
+    return written
+
+
+def load_trainables(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Copy a `non_lora_trainables` / `trainables` file into a model (base names); return the names."""
+    state = load_file(str(path))
+    params = {base_name(n): p for n, p in model.named_parameters()}
+    missing = [n for n in state if n not in params]
+    if missing:
+        raise KeyError(f"{path}: {len(missing)} tensors have no parameter in the model, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].dtype))
+    return list(state)
+
+
+def export_merged(checkpoint: str, folder: str | os.PathLike, artifacts_dir: str | os.PathLike,
+                  *, dtype: torch.dtype = torch.float32) -> str:
+    """A merged Llava checkpoint (base + LoRA + non-LoRA trainables) loadable by `from_pretrained`.
+
+    The base is reloaded unquantized: merging into 4-bit weights would round the LoRA update away.
+    """
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    artifacts_dir = Path(artifacts_dir)
+    model_type = AutoConfig.from_pretrained(checkpoint).model_type
+    cls = LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
+    base = cls.from_pretrained(checkpoint, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, artifacts_dir / "adapter").merge_and_unload()
+    if (artifacts_dir / NON_LORA_FILE).exists():
+        load_trainables(merged, artifacts_dir / NON_LORA_FILE)
+    merged.save_pretrained(folder)
+    AutoProcessor.from_pretrained(checkpoint).save_pretrained(folder)
+    return str(folder)

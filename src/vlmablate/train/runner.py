@@ -1,0 +1,224 @@
+"""One run, top to bottom: validate → plan → load → apply plan → data → train → save → summary.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import ConcatDataset
+from transformers import TrainingArguments
+
+from vlmablate.config import RunConfig, to_run_config, validate
+from vlmablate.data.collator import LlavaCollator
+from vlmablate.data.dataset import preflight
+from vlmablate.data.sources import build_dataset
+from vlmablate.model.load import load_model, model_dims
+from vlmablate.model.plan import FreezePlan, apply_plan, format_table, parameter_table, resolve_plan
+from vlmablate.model.projector_io import check_projector_shapes, load_projector
+from vlmablate.report.wandb_log import finish_wandb, flat_config, start_wandb
+from vlmablate.train.artifacts import export_merged, save_artifacts
+from vlmablate.train.audit import GradientAudit
+from vlmablate.train.trainer import VlmTrainer
+
+log = logging.getLogger(__name__)
+
+PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def cache_dir(configured: str | None = None) -> Path:
+    return Path(configured or os.environ.get("VLMABLATE_CACHE") or Path.home() / ".cache" / "vlmablate")
+
+
+def compute_dtype(cfg: RunConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.train.bf16 else torch.float16 if cfg.train.fp16 else torch.float32
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gradient_accumulation(cfg: RunConfig) -> int:
+    """The preset's accumulation, or the one that gives the stage's global batch."""
+    if cfg.train.gradient_accumulation_steps is not None:
+        return cfg.train.gradient_accumulation_steps
+    per_step = cfg.train.per_device_train_batch_size * world_size()
+    if not cfg.stage.global_batch_size:
+        return 1
+    return max(1, round(cfg.stage.global_batch_size / per_step))
+
+
+def deepspeed_config(name: str | None) -> str | None:
+    if not name:
+        return None
+    packaged = PACKAGE_CONF / "deepspeed" / f"{name}.json"
+    return str(packaged) if packaged.exists() else name
+
+
+def peak_memory_mb() -> float:
+    """Peak CUDA memory allocated, or the process's peak RSS on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def training_arguments(cfg: RunConfig, run_dir: Path) -> TrainingArguments:
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_train_epochs,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(cfg),
+        learning_rate=cfg.stage.lr,  # the scheduler scales every group's own LR; this is only the default
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        lr_scheduler_type=t.lr_scheduler_type,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        dataloader_num_workers=t.dataloader_num_workers,
+        seed=t.seed,
+        deepspeed=deepspeed_config(t.deepspeed),
+        use_cpu=t.use_cpu,
+        report_to=["wandb"] if cfg.logger.name == "wandb" else [],
+        remove_unused_columns=False,  # the collator already yields model inputs only
+        label_names=["labels"],
+        disable_tqdm=True,
+    )
+
+
+def _load(cfg: RunConfig, plan: FreezePlan):
+    """Load the model, install the stage-1 projector if given, apply the plan; return model, processor, lineage."""
+    if cfg.model.pretrained_projector:
+        # Shapes are checked from configs alone, before any weights load.
+        check_projector_shapes(cfg.model.pretrained_projector, model_dims(cfg.model, projector_type=plan.projector_type),
+                               plan.projector_type)
+    loaded = load_model(cfg.model, projector_type=plan.projector_type, quant=cfg.quant,
+                        skip_modules=plan.skip_modules(), compute_dtype=compute_dtype(cfg))
+    lineage = {"checkpoint": loaded.checkpoint, "arch": loaded.arch, "pretrained_projector": None}
+    if cfg.model.pretrained_projector:
+        meta = load_projector(loaded.model, cfg.model.pretrained_projector, projector_type=plan.projector_type)
+        lineage["pretrained_projector"] = {"path": str(cfg.model.pretrained_projector), "sha256": meta["sha256"]}
+    model = apply_plan(loaded.model, plan, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    return model, loaded.processor, lineage
+
+
+def _image_size(processor) -> int:
+    ip = processor.image_processor
+    crop = getattr(ip, "crop_size", None) or {}
+    size = getattr(ip, "size", None) or {}
+    return int(crop.get("height") or size.get("shortest_edge") or size.get("height") or 336)
+
+
+def _data_report(dataset: ConcatDataset, cfg: RunConfig) -> dict:
+    report = preflight(dataset, max_records=cfg.data.preflight_records)
+    if report["fully_masked"]:
+        log.warning("%d of %d checked samples have every label masked (they teach nothing), e.g. %s",
+                    report["fully_masked"], report["checked"], report["examples"][:3])
+    return {"records": len(dataset), "preflight": report}
+
+
+def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, overrides: list[str] = ()) -> dict:
+    """Train one cell; write `summary.json` into `run_dir` whatever happens; return the summary."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"status": "failed", "run_dir": str(run_dir)}
+    wandb_run = None
+    try:
+        validate(cfg, overrides)
+        plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage)
+        model, processor, lineage = _load(cfg, plan)
+        table = parameter_table(model, plan)
+        log.info("freeze plan (stage=%s, quant=%s):\n%s", cfg.stage.name, cfg.quant.mode, format_table(table, plan))
+        summary.update(params=table, plan=plan.to_dict(), lineage=lineage)
+
+        dataset = build_dataset(cfg.data, processor=processor, template=cfg.stage.template,
+                                max_length=cfg.model.max_length, image_aspect=cfg.stage.image_aspect,
+                                cache_dir=cache_dir(cfg.data.cache_dir), image_size=_image_size(processor))
+        summary["data"] = _data_report(dataset, cfg)
+
+        wandb_run = start_wandb(cfg.logger, flat_config(composed or {}), run_dir=run_dir, job_type=cfg.stage.name,
+                                tags=[f"stage:{cfg.stage.name}", f"freeze:{cfg.freeze.name}",
+                                      f"vision:{cfg.vision.policy}", f"quant:{cfg.quant.mode}"])
+        plan_record = {"config": composed, "plan": plan.to_dict(), "params": table, "lineage": lineage}
+        audit = GradientAudit()
+        trainer = VlmTrainer(
+            model=model,
+            args=training_arguments(cfg, run_dir),
+            train_dataset=dataset,
+            data_collator=LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id),
+            processing_class=processor,
+            callbacks=[audit],
+            plan=plan,
+            plan_record=plan_record,
+        )
+        start = time.perf_counter()
+        output = trainer.train()
+        wall = time.perf_counter() - start
+
+        summary["train"] = _train_summary(trainer, output.metrics, wall)
+        summary["train"]["gradient_audit"] = audit.report
+        artifacts = save_artifacts(trainer.model, plan, run_dir / "final", processor=processor, plan_record=plan_record)
+        if cfg.train.export_merged and plan.uses_lora:
+            artifacts["merged"] = export_merged(lineage["checkpoint"], run_dir / "final" / "merged",
+                                                run_dir / "final")
+        summary["artifacts"] = {"checkpoint": str(run_dir / "final"), "projector": artifacts.get("projector"),
+                                **artifacts}
+        summary["eval"] = {}
+        summary["status"] = "completed"
+        return summary
+    except Exception as exc:
+        summary["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        _write_json(run_dir / "summary.json", summary)
+        finish_wandb(wandb_run, summary)
+
+
+def _train_summary(trainer: VlmTrainer, metrics: dict, wall: float) -> dict:
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "steps": trainer.state.global_step,
+        "wall_clock_s": round(wall, 3),
+        "tokens": trainer.real_tokens,
+        "tokens_per_s": round(trainer.real_tokens / wall, 2) if wall > 0 else 0.0,
+        "peak_mem_mb": round(peak_memory_mb(), 1),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "train_loss": metrics.get("train_loss"),
+        "samples_seen": trainer.samples_seen,
+        "fully_masked_samples": trainer.fully_masked_samples,
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def run_from_hydra(cfg: DictConfig) -> float | None:
+    """The Hydra entry point's one call: typed config once at the edge, then `run`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    composed = OmegaConf.to_container(cfg, resolve=True)
+    summary = run(to_run_config(cfg), run_dir, composed=composed, overrides=list(hydra_cfg.overrides.task))
+    log.info("summary: %s", run_dir / "summary.json")
+    return summary["train"]["final_loss"]

@@ -1,0 +1,81 @@
+"""`VlmTrainer`: HF Trainer with per-component optimizer groups, selective saving and token counts.
+
+This is LLaVA's own approach (a Trainer subclass), with the groups and the saved artifacts taken
+from the resolved `FreezePlan` instead of from flags scattered across scripts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import Trainer
+
+from vlmablate.data.dataset import DataError
+from vlmablate.data.templates import IGNORE_INDEX
+from vlmablate.model.plan import FreezePlan
+from vlmablate.train.artifacts import save_artifacts
+from vlmablate.train.optim import parameter_groups
+
+log = logging.getLogger(__name__)
+
+
+class VlmTrainer(Trainer):
+    def __init__(self, *args, plan: FreezePlan, plan_record: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plan = plan
+        self.plan_record = plan_record
+        self.real_tokens = 0  # non-padding tokens seen in training forwards (image tokens included)
+        self.fully_masked_samples = 0
+        self.samples_seen = 0
+
+    # --- optimizer -------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        groups = parameter_groups(opt_model, self.plan, decay_names=set(self.get_decay_parameter_names(opt_model)),
+                                  weight_decay=self.args.weight_decay)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs.pop("lr", None)  # each group carries its component's learning rate
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        for g in self.optimizer.param_groups:
+            log.info("optimizer group %-20s lr=%.2e weight_decay=%.3g tensors=%d", g["name"], g["lr"],
+                     g["weight_decay"], len(g["params"]))
+        return self.optimizer
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        # Trainer logs only the first group's LR; a per-component LR tells the stages apart in W&B.
+        if self.optimizer is not None and "loss" in logs:
+            for g in self.optimizer.param_groups:  # decay and no_decay groups share their component's LR
+                logs[f"lr/{g['name'].split('/')[0]}"] = g["lr"]
+        super().log(logs, *args, **kwargs)
+
+    # --- loss and counting -----------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            labels = inputs["labels"]
+            self.real_tokens += int(inputs["attention_mask"].sum())
+            self.samples_seen += labels.shape[0]
+            self.fully_masked_samples += int((labels == IGNORE_INDEX).all(dim=1).sum())
+            self._check_masking()
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def _check_masking(self, min_samples: int = 16) -> None:
+        """Stop a run that mostly trains on samples without one labelled token (a silent loss of 0)."""
+        if self.samples_seen >= min_samples and self.fully_masked_samples * 2 > self.samples_seen:
+            raise DataError(
+                f"{self.fully_masked_samples} of {self.samples_seen} training samples had every label masked: "
+                "the loss teaches nothing. Check the stage's template against the tokenizer and model.max_length."
+            )
+
+    # --- saving ----------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints keep what the plan trains (see `artifacts.py`), not a copy of frozen weights."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        save_artifacts(self.model, self.plan, output_dir, processor=self.processing_class,
+                       plan_record=self.plan_record)
+        torch.save(self.args, f"{output_dir}/training_args.bin")
