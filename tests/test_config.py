@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from vlmablate.config import ConfigError, RunConfig, register_configs, to_run_config, validate
+from vlmablate.config import ConfigError, RunConfig, validate
 
-CONF = Path(__file__).resolve().parents[1] / "src" / "vlmablate" / "conf"
+from conftest import CONF, compose_run
+
 GROUPS = ["model", "vision", "projector", "freeze", "quant", "data", "stage", "train", "eval", "logger"]
 
-register_configs()
-
-
 def make(*overrides: str) -> RunConfig:
-    """Compose like `python -m vlmablate` does (the overrides are kept for `validate`)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
-    return to_run_config(cfg)
+    return compose_run(*overrides)[0]
 
 
 def options(group: str) -> list[str]:

@@ -1,0 +1,47 @@
+"""Shared fixtures: one cache folder per test session (tiny checkpoints and synthetic data are built once)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from vlmablate.config import RunConfig, register_configs, to_run_config
+
+CONF = Path(__file__).resolve().parents[1] / "src" / "vlmablate" / "conf"
+register_configs()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def vlmablate_cache(tmp_path_factory):
+    """Point the project's cache at a session folder unless CI already chose one."""
+    if "VLMABLATE_CACHE" in os.environ:
+        yield Path(os.environ["VLMABLATE_CACHE"])
+        return
+    folder = tmp_path_factory.mktemp("vlmablate-cache")
+    os.environ["VLMABLATE_CACHE"] = str(folder)
+    yield folder
+    del os.environ["VLMABLATE_CACHE"]
+
+
+def compose_run(*overrides: str) -> tuple[RunConfig, dict]:
+    """Compose exactly as `python -m vlmablate OVERRIDES` does; return the typed config and the plain one."""
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return to_run_config(cfg), OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.fixture
+def run_cell(tmp_path):
+    """Run one training job in-process into tmp_path/<name>; return its summary."""
+    from vlmablate.train.runner import run
+
+    def _run(*overrides: str, name: str = "run") -> dict:
+        cfg, composed = compose_run(*overrides)
+        return run(cfg, tmp_path / name, composed=composed, overrides=list(overrides))
+
+    return _run

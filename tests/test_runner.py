@@ -1,0 +1,143 @@
+"""End to end on the tiny random Llava: both stages, LoRA, QLoRA, int8, full fine-tuning, outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from vlmablate.data.dataset import DataError
+from vlmablate.model.projector_io import projector_state_dict
+
+FAST = ("train.max_steps=12", "train.save_steps=6", "train.logging_steps=1")
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_stage_run_align_then_instruct_from_its_projector(run_cell, tmp_path):
+    align = run_cell("stage=align", *FAST, name="align")
+    assert align["status"] == "completed"
+    assert align["params"]["trainable"] == {"vision": 0, "projector": 6272, "llm": 0, "total": 6272}
+    assert align["train"]["final_loss"] < align["train"]["first_loss"]
+    # Stage 1 keeps the projector only, at every checkpoint as well as at the end.
+    final = tmp_path / "align" / "final"
+    assert sorted(p.name for p in final.iterdir()) == ["projector", "vlmablate_plan.json"]
+    for ckpt in ("checkpoint-6", "checkpoint-12"):
+        assert (tmp_path / "align" / "checkpoints" / ckpt / "projector" / "mm_projector.safetensors").exists()
+        assert not (tmp_path / "align" / "checkpoints" / ckpt / "adapter").exists()
+
+    projector = align["artifacts"]["projector"]
+    instruct = run_cell("stage=instruct", "freeze=lora_llm", f"model.pretrained_projector={projector}", *FAST,
+                        name="instruct")
+    assert instruct["status"] == "completed"
+    sha = json.loads((Path(projector) / "projector.json").read_text())["sha256"]
+    assert instruct["lineage"]["pretrained_projector"] == {"path": projector, "sha256": sha}
+    assert instruct["train"]["final_loss"] < instruct["train"]["first_loss"]
+    assert instruct["train"]["gradient_audit"]["checked_step"] == 1
+    assert instruct["data"]["preflight"]["fully_masked"] == 0
+
+
+@pytest.mark.slow
+def test_lora_run_saves_adapter_and_projector_and_exports_a_merged_model(run_cell, tmp_path):
+    s = run_cell("freeze=lora_llm", "vision=unfrozen", "train.export_merged=true", *FAST, name="lora")
+    assert s["status"] == "completed"
+    ckpt = tmp_path / "lora" / "checkpoints" / "checkpoint-6"
+    non_lora = load_file(ckpt / "non_lora_trainables.safetensors")
+    # The projector and the vision blocks that trained travel with the adapter, at every checkpoint.
+    assert any(k.startswith("model.multi_modal_projector.") for k in non_lora)
+    assert any(k.startswith("model.vision_tower.") for k in non_lora)
+    assert not any("language_model" in k for k in non_lora)
+    assert (ckpt / "adapter" / "adapter_model.safetensors").exists()
+    plan = json.loads((ckpt / "vlmablate_plan.json").read_text())
+    assert plan["plan"]["llm"]["mode"] == "lora" and plan["params"]["trainable"]["total"] == s["params"]["trainable"]["total"]
+
+    merged_dir = Path(s["artifacts"]["merged"])
+    merged = LlavaForConditionalGeneration.from_pretrained(merged_dir)
+    processor = AutoProcessor.from_pretrained(merged_dir)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    final_proj = load_file(tmp_path / "lora" / "final" / "projector" / "mm_projector.safetensors")
+    for name, tensor in projector_state_dict(merged).items():
+        assert torch.equal(tensor, final_proj[name]), name
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == merged.config.image_token_index
+
+
+@pytest.mark.slow
+def test_qlora_nf4_trains_on_cpu(run_cell):
+    s = run_cell("quant=nf4", "freeze=lora_llm", *FAST, name="qlora")
+    assert s["status"] == "completed"
+    llm = s["params"]["components"]["llm"]
+    # Every LLM linear is 4-bit; embeddings, norms and lm_head stay in full precision.
+    assert llm["quantized"] > 0 and llm["quantized"] < llm["total"]
+    assert s["params"]["components"]["vision"]["quantized"] == 0
+    assert s["params"]["components"]["projector"]["quantized"] == 0
+    assert s["train"]["final_loss"] < s["train"]["first_loss"]
+
+
+@pytest.mark.slow
+def test_int8_lora_trains_on_cpu(run_cell):
+    s = run_cell("quant=int8", "freeze=lora_llm", "train.max_steps=4", name="int8")
+    assert s["status"] == "completed"
+    assert s["params"]["components"]["llm"]["quantized"] > 0
+
+
+@pytest.mark.slow
+def test_full_fine_tune_saves_a_loadable_model(run_cell, tmp_path):
+    s = run_cell("freeze=full_llm", "vision=unfrozen", "train.max_steps=4", "train.save_steps=100", name="full")
+    assert s["status"] == "completed"
+    assert s["params"]["trainable"]["llm"] == s["params"]["components"]["llm"]["total"]
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "full" / "final" / "model")
+    assert sum(p.numel() for p in model.parameters()) == s["params"]["total"]
+
+
+def test_fully_masked_data_stops_before_training(run_cell, tmp_path):
+    # 66 tokens hold the system prompt, the image and most questions but no answer: labels are all masked.
+    with pytest.raises(DataError, match="masked"):
+        run_cell("freeze=lora_llm", "model.max_length=66", "train.max_steps=2", name="masked")
+    summary = read_summary(tmp_path / "masked")
+    assert summary["status"] == "failed" and "masked" in summary["error"]
+
+
+def test_invalid_config_fails_before_loading_and_writes_a_failed_summary(run_cell, tmp_path):
+    from vlmablate.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot be fully fine-tuned"):
+        run_cell("quant=nf4", "freeze=full_llm", name="bad")
+    assert read_summary(tmp_path / "bad") == {
+        "status": "failed", "run_dir": str(tmp_path / "bad"),
+        "error": read_summary(tmp_path / "bad")["error"]}
+
+
+@pytest.mark.slow
+def test_wandb_offline_logs_flat_config_and_summary(run_cell, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: the run must go offline by itself
+    s = run_cell("logger=wandb", "train.max_steps=3", name="wb")
+    assert s["status"] == "completed"
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+
+
+def test_cli_prints_the_composed_config():
+    out = subprocess.run([sys.executable, "-m", "vlmablate", "--cfg", "job", "freeze=full_llm", "vision=unfrozen"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "policy: full" in out and "policy: unfrozen" in out and "name: full_llm" in out
+
+
+@pytest.mark.slow
+def test_cli_design_card_command_trains(tmp_path):
+    run_dir = tmp_path / "cli"
+    subprocess.run([sys.executable, "-m", "vlmablate", "model=tiny_random", "freeze=lora_llm", "vision=unfrozen",
+                    "train.max_steps=6", f"hydra.run.dir={run_dir}"], check=True, capture_output=True, text=True)
+    s = read_summary(run_dir)
+    assert s["status"] == "completed" and s["train"]["steps"] == 6
+    assert s["params"]["trainable"]["vision"] > 0
+    assert (run_dir / ".hydra" / "config.yaml").exists()
