@@ -122,8 +122,11 @@ def test_wandb_offline_logs_flat_config_and_summary(run_cell, tmp_path, monkeypa
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: the run must go offline by itself
     s = run_cell("logger=wandb", "train.max_steps=3", name="wb")
     assert s["status"] == "completed"
-    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
+    [log_file] = (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")
+    record = log_file.read_bytes()  # protobuf records: the keys are plain strings inside
+    for key in (b"freeze.name", b"vision.policy", b"quant.mode", b"lr/llm", b"train.final_loss",
+                b"params.trainable.total", b"freeze:lora_llm"):
+        assert key in record, key
 
 
 def test_cli_prints_the_composed_config():
@@ -141,3 +144,22 @@ def test_cli_design_card_command_trains(tmp_path):
     assert s["status"] == "completed" and s["train"]["steps"] == 6
     assert s["params"]["trainable"]["vision"] > 0
     assert (run_dir / ".hydra" / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_stage_one_projector_of_another_shape_is_rejected_before_weights_load(run_cell, tmp_path, monkeypatch):
+    from vlmablate.config import ConfigError
+
+    align = run_cell("stage=align", "train.max_steps=2", name="align64")
+    loads = []
+    monkeypatch.setattr("vlmablate.train.runner.load_model", lambda *a, **k: loads.append(a))
+    with pytest.raises(ConfigError, match="text hidden"):
+        run_cell("stage=instruct", "model.tiny.text_hidden=32",
+                 f"model.pretrained_projector={align['artifacts']['projector']}", name="mismatch")
+    assert loads == []
+    with pytest.raises(ConfigError, match="holds a mlp2x_gelu projector"):
+        from vlmablate.config import validate
+        from conftest import compose_run
+
+        validate(compose_run("model=llava_phi2", "projector=linear", "stage=instruct",
+                             f"model.pretrained_projector={align['artifacts']['projector']}")[0])

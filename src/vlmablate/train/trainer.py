@@ -7,9 +7,10 @@ from the resolved `FreezePlan` instead of from flags scattered across scripts.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from vlmablate.data.dataset import DataError
 from vlmablate.data.templates import IGNORE_INDEX
@@ -20,9 +21,28 @@ from vlmablate.train.optim import parameter_groups
 log = logging.getLogger(__name__)
 
 
+class TrainTimer(TrainerCallback):
+    """When training proper starts and ends (after Trainer's one-time set-up of loaders and optimizer)."""
+
+    def __init__(self):
+        self.start = self.end = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.end = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return (self.end - self.start) if self.start is not None and self.end is not None else 0.0
+
+
 class VlmTrainer(Trainer):
     def __init__(self, *args, plan: FreezePlan, plan_record: dict, **kwargs):
         super().__init__(*args, **kwargs)
+        self.timer = TrainTimer()
+        self.add_callback(self.timer)
         self.plan = plan
         self.plan_record = plan_record
         self.real_tokens = 0  # non-padding tokens seen in training forwards (image tokens included)

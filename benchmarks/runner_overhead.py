@@ -1,0 +1,103 @@
+"""Runner overhead: tokens/s of the full vlmablate runner against a minimal hand-written PyTorch loop.
+
+Both train the same model (same checkpoint, same freeze plan, same optimizer groups) for the same
+number of steps on the same data pipeline (dataset, collator, batch size); the hand-written loop is
+what a user would write without a framework: DataLoader → forward → backward → clip → step.
+Runs alternate (loop, runner, loop, runner, ...) and the medians are compared.
+
+    python benchmarks/runner_overhead.py [--steps 40] [--repeats 3] [override ...]
+
+Target (DESIGN.md): runner tokens/s >= 0.95 x the loop's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from vlmablate.config import register_configs, to_run_config
+from vlmablate.data.collator import LlavaCollator
+from vlmablate.data.sources import build_dataset
+from vlmablate.model.plan import resolve_plan
+from vlmablate.train import runner
+from vlmablate.train.optim import parameter_groups
+
+CONF = Path(runner.__file__).resolve().parent.parent / "conf"
+# A model the size DESIGN.md measured (~4M parameters) so that framework overhead is not hidden
+# behind a trivially small forward, nor drowned by a huge one.
+MODEL = ["model.tiny.image_size=64", "model.tiny.vision_hidden=128", "model.tiny.vision_layers=4",
+         "model.tiny.text_hidden=256", "model.tiny.text_layers=4"]
+
+
+def hand_written_loop(cfg, steps: int) -> float:
+    """tokens/s of the plain loop: same model, plan, optimizer groups, data pipeline and batch size."""
+    torch.manual_seed(cfg.train.seed)
+    plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage)
+    model, processor, _ = runner._load(cfg, plan)
+    dataset = build_dataset(cfg.data, processor=processor, template=cfg.stage.template,
+                            max_length=cfg.model.max_length, image_aspect=cfg.stage.image_aspect,
+                            cache_dir=runner.cache_dir(cfg.data.cache_dir), image_size=runner._image_size(processor))
+    loader = DataLoader(dataset, batch_size=cfg.train.per_device_train_batch_size, shuffle=True,
+                        collate_fn=LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id))
+    decay = {n for n, _ in model.named_parameters() if "bias" not in n and "norm" not in n}
+    optimizer = torch.optim.AdamW(parameter_groups(model, plan, decay_names=decay, weight_decay=0.0))
+    model.train()
+    tokens, step, start = 0, 0, time.perf_counter()
+    while step < steps:
+        for batch in loader:
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += int(batch["attention_mask"].sum())
+            step += 1
+            if step == steps:
+                break
+    return tokens / (time.perf_counter() - start)
+
+
+def full_runner(cfg, composed: dict, steps: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = runner.run(cfg, Path(tmp) / "run", composed=composed)
+    assert summary["train"]["steps"] == steps
+    return summary["train"]["tokens_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. freeze=full_llm")
+    args = parser.parse_args()
+
+    register_configs()
+    overrides = [*MODEL, f"train.max_steps={args.steps}", f"train.save_steps={10 * args.steps}",
+                 "train.logging_steps=10", "data.sources.0.num_records=512", *args.overrides]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        composed_cfg = compose(config_name="config", overrides=overrides)
+    cfg, composed = to_run_config(composed_cfg), OmegaConf.to_container(composed_cfg, resolve=True)
+
+    loop, framework = [], []
+    for i in range(args.repeats):
+        loop.append(hand_written_loop(cfg, args.steps))
+        framework.append(full_runner(cfg, composed, args.steps))
+        print(f"repeat {i + 1}: loop {loop[-1]:,.0f} tok/s   runner {framework[-1]:,.0f} tok/s", flush=True)
+    ratio = statistics.median(framework) / statistics.median(loop)
+    print(f"\noverrides: {' '.join(args.overrides) or '(defaults)'}; {args.steps} steps x batch "
+          f"{cfg.train.per_device_train_batch_size}, {args.repeats} repeats")
+    print(f"median tokens/s  loop {statistics.median(loop):,.0f}  runner {statistics.median(framework):,.0f}")
+    print(f"runner / loop = {ratio:.3f}  (target >= 0.95: {'met' if ratio >= 0.95 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
