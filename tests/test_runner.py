@@ -163,3 +163,39 @@ def test_stage_one_projector_of_another_shape_is_rejected_before_weights_load(ru
 
         validate(compose_run("model=llava_phi2", "projector=linear", "stage=instruct",
                              f"model.pretrained_projector={align['artifacts']['projector']}")[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides,trains",
+    [
+        (("model.tiny.arch=llava_next", "freeze=lora_llm", "vision=unfrozen"), {"vision", "projector", "llm"}),
+        (("vision=lora", "freeze=frozen_llm"), {"vision", "projector"}),
+        (("vision=last_n", "vision.last_n=1", "freeze=full_llm", "projector.trainable=false"), {"vision", "llm"}),
+        (("quant=nf4", "vision=unfrozen", "train.gradient_checkpointing=true"), {"vision", "projector", "llm"}),
+    ],
+)
+def test_policy_cells_train_and_pass_the_gradient_audit(run_cell, overrides, trains):
+    s = run_cell(*overrides, "train.max_steps=3", "train.save_steps=100")
+    assert s["status"] == "completed"
+    assert {c for c in ("vision", "projector", "llm") if s["params"]["trainable"][c]} == trains
+    n_trainable_tensors = s["train"]["gradient_audit"]["trainable_tensors_with_grad"]
+    assert n_trainable_tensors > 0
+
+
+@pytest.mark.slow
+def test_gradient_audit_stops_a_vision_tower_run_under_no_grad(run_cell, monkeypatch):
+    """The known failure elsewhere: 'unfrozen' vision whose forward runs under no_grad never learns."""
+    from transformers.models.clip.modeling_clip import CLIPEncoder
+
+    from vlmablate.train.audit import PlanViolation
+
+    forward = CLIPEncoder.forward
+
+    def no_grad_forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPEncoder, "forward", no_grad_forward)
+    with pytest.raises(PlanViolation, match=r"received no gradient.*vision_tower"):
+        run_cell("vision=unfrozen", "freeze=frozen_llm", "train.max_steps=2")
