@@ -15,7 +15,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from vlmablate.data.dataset import DataError
 from vlmablate.model.projector_io import projector_state_dict
 
-FAST = ("train.max_steps=12", "train.save_steps=6", "train.logging_steps=1")
+FAST = ("train.max_steps=12", "train.save_steps=6", "train.logging_steps=4")
 
 
 def read_summary(run_dir: Path) -> dict:
@@ -36,7 +36,7 @@ def test_two_stage_run_align_then_instruct_from_its_projector(run_cell, tmp_path
         assert not (tmp_path / "align" / "checkpoints" / ckpt / "adapter").exists()
 
     projector = align["artifacts"]["projector"]
-    instruct = run_cell("stage=instruct", "freeze=lora_llm", f"model.pretrained_projector={projector}", *FAST,
+    instruct = run_cell("stage=instruct", "freeze=lora_llm", "freeze.lr=2e-3", f"model.pretrained_projector={projector}", *FAST,
                         name="instruct")
     assert instruct["status"] == "completed"
     sha = json.loads((Path(projector) / "projector.json").read_text())["sha256"]
@@ -118,15 +118,41 @@ def test_invalid_config_fails_before_loading_and_writes_a_failed_summary(run_cel
 
 @pytest.mark.slow
 def test_wandb_offline_logs_flat_config_and_summary(run_cell, tmp_path, monkeypatch):
+    import wandb
+
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: the run must go offline by itself
-    s = run_cell("logger=wandb", "train.max_steps=3", name="wb")
+    from wandb.sdk.wandb_run import Run
+    from wandb.sdk.wandb_summary import Summary
+
+    seen = {"init": None, "logged": set(), "summary": {}}
+    real_init, real_log, real_update = wandb.init, Run.log, Summary.update
+
+    def recording_init(**kwargs):
+        seen["init"] = kwargs
+        return real_init(**kwargs)
+
+    def recording_log(self, data, *args, **kwargs):
+        seen["logged"].update(data)
+        return real_log(self, data, *args, **kwargs)
+
+    def recording_update(self, data=None, *args, **kwargs):
+        seen["summary"].update(data or {})
+        return real_update(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", recording_init)
+    monkeypatch.setattr(Run, "log", recording_log)
+    monkeypatch.setattr(Summary, "update", recording_update)
+    s = run_cell("logger=wandb", "freeze=lora_llm", "train.max_steps=3", "train.logging_steps=1", name="wb")
     assert s["status"] == "completed"
-    [log_file] = (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")
-    record = log_file.read_bytes()  # protobuf records: the keys are plain strings inside
-    for key in (b"freeze.name", b"vision.policy", b"quant.mode", b"lr/llm", b"train.final_loss",
-                b"params.trainable.total", b"freeze:lora_llm"):
-        assert key in record, key
+    init = seen["init"]
+    assert init["mode"] == "offline" and init["job_type"] == "instruct"
+    assert {"freeze:lora_llm", "vision:frozen", "quant:none", "stage:instruct"} <= set(init["tags"])
+    assert init["config"]["freeze.name"] == "lora_llm" and init["config"]["vision.policy"] == "frozen"
+    assert {"train/loss", "train/lr/llm", "train/lr/projector"} <= seen["logged"]
+    assert seen["summary"]["params.trainable.total"] == s["params"]["trainable"]["total"]
+    assert seen["summary"]["train.final_loss"] == s["train"]["final_loss"]
+    assert len(list((tmp_path / "wb" / "wandb").glob("offline-run-*"))) == 1
 
 
 def test_cli_prints_the_composed_config():

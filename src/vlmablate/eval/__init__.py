@@ -1,0 +1,1 @@
+"""Evaluation: MMBench (TSV, circular copies, prompts, answer extraction, CircularEval) and VQA accuracy."""

@@ -1,0 +1,318 @@
+"""MMBench questions: read a VLMEvalKit-style TSV, group its circular copies, build LLaVA-1.5's prompt.
+
+A TSV row is one circular copy of a question: copy k of question q has index `q + k * 1_000_000`,
+its options rotated left by k and its answer letter remapped. `read_mmbench_tsv` groups the rows
+under their main question (copy 0) and checks them. Reading follows what VLMEvalKit sees through
+`pandas.read_csv` without needing pandas:
+
+- columns are found by name; header names are lower-cased except the one-letter option columns
+  (VLMEvalKit does the same), so `L2-category`, `l2-category` and `l2_category` are one column;
+- a cell is missing when pandas would read NaN (empty, `nan`, `NaN`, `None`, `NA`, `null`, ...) or
+  when LLaVA's `is_none` would call it none (`nan`/`none` in any case). An option is present iff its
+  cell is not missing; the present options must be A, B, ... without gaps;
+- `image` holds base64, or, when 64 characters or fewer, the `index` of the row that holds the
+  image (one hop, as VLMEvalKit's loader asserts);
+- `answer` and `split` are optional (the test split has no answers).
+
+Copies found in the file must carry the main question's option texts (as a multiset) and the same
+correct text, else the file is rejected: scoring such a copy would test a different question. A copy
+whose order is not the exact left rotation is only warned about, since CircularEval needs nothing
+but each copy's own answer. Every error is a ValueError naming the file, the row and the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import io
+import logging
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+COPY_STRIDE = 1_000_000
+CIRCULAR_MODES = ("auto", "expand", "off")
+REQUIRED_COLUMNS = ("index", "question", "A", "B", "image")
+IMAGE_REF_MAX_CHARS = 64
+ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+# pandas' default NaN spellings (pandas >= 2.0), then LLaVA's `is_none` ('nan' / 'none', any case).
+_PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                        "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+_LLAVA_NONE = frozenset({"nan", "none"})
+_HEADER_ALIASES = {"l2_category": "l2-category"}
+
+
+@dataclass
+class Copy:
+    """One row of the TSV: one circular copy of a question."""
+
+    index: int  # q + k * 1_000_000
+    k: int
+    options: dict[str, str]  # present options only, in letter order
+    answer: str | None  # the correct letter; None when the split has no answers
+
+
+@dataclass
+class Question:
+    """A main question with its copies (copy 0 first) and its resolved base64 image."""
+
+    q: int
+    question: str
+    hint: str | None
+    category: str
+    l2_category: str
+    split: str | None
+    image_b64: str | None
+    copies: list[Copy]
+
+
+@dataclass
+class _Row:
+    where: str  # "FILE row N (index I)", the prefix of every message about this row
+    index: int
+    question: str
+    hint: str | None
+    options: dict[str, str]
+    answer: str | None
+    category: str
+    l2_category: str
+    split: str | None
+    image: str
+
+
+def read_mmbench_tsv(path: str | os.PathLike, *, circular: str = "auto") -> list[Question]:
+    """Read an MMBench TSV into main questions, in file order, each with its circular copies.
+
+    `circular`: `auto` uses the copies the file has (none: one copy per question); `expand` also
+    generates the rotations when the file has no copies at all (a file that has copies is used as
+    it is); `off` keeps copy 0 only and ignores copy rows (they still count for duplicate indices
+    and broken image references, which make the file itself unreadable).
+    """
+    if circular not in CIRCULAR_MODES:
+        raise ValueError(f"circular={circular!r}: expected one of {', '.join(CIRCULAR_MODES)}")
+    path = Path(path)
+    rows = _read_rows(path)
+    images = _resolve_images(rows)
+    mains = {row.index: row for row in rows if row.index < COPY_STRIDE}
+    file_copies = {} if circular == "off" else _group_copies(rows, mains, path)
+    if circular == "expand" and not file_copies:
+        copies = {q: _rotations(main) for q, main in mains.items()}
+    else:
+        copies = {q: _checked_copies(mains[q], rows_q) for q, rows_q in file_copies.items()}
+    return [_question(main, images[main.index], copies.get(q, [])) for q, main in mains.items()]
+
+
+def prompt_text(question: Question, copy: Copy) -> str:
+    """LLaVA-1.5's MMBench prompt (`model_vqa_mmbench.py`, single-prediction mode), without `<image>`."""
+    lines = [] if question.hint is None else [question.hint]
+    lines.append(question.question)
+    lines.extend(f"{letter}. {text}" for letter, text in copy.options.items())
+    lines.append(ANSWER_INSTRUCTION)
+    return "\n".join(lines)
+
+
+def decode_image(b64: str) -> Image.Image:
+    """Decode a base64 image cell into an RGB PIL image (VLMEvalKit drops alpha and palettes the same way)."""
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(b64)))
+        image.load()
+    except (binascii.Error, ValueError, OSError) as err:
+        raise ValueError(f"not a decodable base64 image ({len(b64)} characters): {err}") from err
+    return image.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- reading rows
+
+
+def _read_rows(path: Path) -> list[_Row]:
+    # Base64 images are far longer than the csv module's 128 KiB default field limit. The limit is
+    # process-wide, so it is only ever raised.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            table = list(csv.reader(handle, delimiter="\t"))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path}: cannot read the MMBench TSV: {err}") from err
+    if not table:
+        raise ValueError(f"{path}: the file is empty (expected a header row)")
+    columns = _columns(table[0], path)
+    rows, seen = [], {}
+    for number, cells in enumerate(table[1:], start=1):
+        if not any(cell.strip() for cell in cells):
+            continue
+        row = _parse_row(cells, columns, f"{path} row {number}")
+        if row.index in seen:
+            raise ValueError(f"{row.where}: duplicate index {row.index} (first at row {seen[row.index]})")
+        seen[row.index] = number
+        rows.append(row)
+    return rows
+
+
+def _columns(header: list[str], path: Path) -> dict[str, int]:
+    """Column name -> position, names normalised the way VLMEvalKit normalises them."""
+    columns: dict[str, int] = {}
+    for position, raw in enumerate(header):
+        name = raw.strip()
+        name = name if _is_option_column(name) else name.lower()
+        name = _HEADER_ALIASES.get(name, name)
+        if name in columns:
+            raise ValueError(f"{path}: column {raw!r} appears twice in the header")
+        columns[name] = position
+    missing = [name for name in REQUIRED_COLUMNS if name not in columns]
+    if missing:
+        raise ValueError(f"{path}: missing required column(s) {', '.join(missing)} "
+                         f"(header: {', '.join(header)})")
+    return columns
+
+
+def _is_option_column(name: str) -> bool:
+    return len(name) == 1 and name in string.ascii_uppercase
+
+
+def _missing(cell: str | None) -> bool:
+    if cell is None:
+        return True
+    text = cell.strip()
+    return text in _PANDAS_NA or text.lower() in _LLAVA_NONE
+
+
+def _parse_row(cells: list[str], columns: dict[str, int], prefix: str) -> _Row:
+    if len(cells) > len(columns):
+        raise ValueError(f"{prefix}: {len(cells)} cells but the header has {len(columns)} columns")
+
+    def cell(name: str) -> str | None:
+        position = columns.get(name)
+        value = cells[position] if position is not None and position < len(cells) else None
+        return None if _missing(value) else value
+
+    raw_index = cell("index")
+    try:
+        index = int(raw_index.strip()) if raw_index is not None else None
+    except ValueError:
+        index = None
+    if index is None or index < 0:
+        raise ValueError(f"{prefix}: index {raw_index!r} is not a non-negative integer")
+    where = f"{prefix} (index {index})"
+    question = cell("question")
+    if question is None:
+        raise ValueError(f"{where}: the question cell is empty")
+    options = _options(cell, sorted(n for n in columns if _is_option_column(n)), where)
+    answer = cell("answer")
+    answer = None if answer is None else answer.strip()
+    if answer is not None and answer not in options:
+        raise ValueError(f"{where}: answer {answer!r} is not one of the options {', '.join(options)}")
+    return _Row(where=where, index=index, question=question, hint=cell("hint"), options=options,
+                answer=answer, category=cell("category") or "", l2_category=cell("l2-category") or "",
+                split=cell("split"), image=cells[columns["image"]] if columns["image"] < len(cells) else "")
+
+
+def _options(cell, letters: list[str], where: str) -> dict[str, str]:
+    """The present options; they must run A, B, ... without a gap (a gap would renumber the rest)."""
+    present = {letter: cell(letter) for letter in letters if cell(letter) is not None}
+    expected = list(string.ascii_uppercase[:len(present)])
+    if list(present) != expected:
+        raise ValueError(f"{where}: options {', '.join(present) or 'none'} are present; "
+                         f"they must run A, B, ... without gaps")
+    if len(present) < 2:
+        raise ValueError(f"{where}: a question needs at least options A and B")
+    return present
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _resolve_images(rows: list[_Row]) -> dict[int, str]:
+    """Index -> real base64 for every row; a short cell is the index of the row holding the image."""
+    raw = {row.index: row.image for row in rows}
+    resolved = {}
+    for row in rows:
+        if len(row.image) > IMAGE_REF_MAX_CHARS:
+            resolved[row.index] = row.image
+            continue
+        try:
+            target = int(row.image.strip())
+        except ValueError:
+            raise ValueError(f"{row.where}: image cell {row.image!r} is neither base64 (more than "
+                             f"{IMAGE_REF_MAX_CHARS} characters) nor the index of another row") from None
+        if target not in raw:
+            raise ValueError(f"{row.where}: image refers to index {target}, which is not in the file")
+        if len(raw[target]) <= IMAGE_REF_MAX_CHARS:
+            # VLMEvalKit asserts the same: a reference must point at a row that holds the image.
+            raise ValueError(f"{row.where}: image refers to index {target}, whose image cell is itself "
+                             f"a reference ({raw[target]!r})")
+        resolved[row.index] = raw[target]
+    return resolved
+
+
+# ----------------------------------------------------------------------------- circular copies
+
+
+def _group_copies(rows: list[_Row], mains: dict[int, _Row], path: Path) -> dict[int, list[_Row]]:
+    copies: dict[int, list[_Row]] = {}
+    for row in rows:
+        if row.index < COPY_STRIDE:
+            continue
+        q = row.index % COPY_STRIDE
+        if q not in mains:
+            raise ValueError(f"{row.where}: circular copy of question {q}, which is not in {path}")
+        copies.setdefault(q, []).append(row)
+    return copies
+
+
+def rotate_options(options: dict[str, str], k: int) -> dict[str, str]:
+    """MMBench's copy k: the option texts shifted left by k (copy 1 of A,B,C,D shows B,C,D,A)."""
+    letters, texts = list(options), list(options.values())
+    return {letter: texts[(j + k) % len(texts)] for j, letter in enumerate(letters)}
+
+
+def rotate_answer(answer: str | None, letters: list[str], k: int) -> str | None:
+    """The letter that holds the correct text after a left shift by k."""
+    if answer is None:
+        return None
+    return letters[(letters.index(answer) - k) % len(letters)]
+
+
+def _rotations(main: _Row) -> list[Copy]:
+    letters = list(main.options)
+    return [Copy(index=main.index + k * COPY_STRIDE, k=k, options=rotate_options(main.options, k),
+                 answer=rotate_answer(main.answer, letters, k))
+            for k in range(1, len(letters))]
+
+
+def _checked_copies(main: _Row, rows: list[_Row]) -> list[Copy]:
+    copies = []
+    for row in sorted(rows, key=lambda r: r.index):
+        k = row.index // COPY_STRIDE
+        _check_copy(main, row, k)
+        copies.append(Copy(index=row.index, k=k, options=row.options, answer=row.answer))
+    return copies
+
+
+def _check_copy(main: _Row, row: _Row, k: int) -> None:
+    n = len(main.options)
+    if k >= n:
+        raise ValueError(f"{row.where}: copy k={k}, but question {main.index} has only {n} options")
+    if sorted(row.options.values()) != sorted(main.options.values()):
+        raise ValueError(f"{row.where}: options {list(row.options.values())} are not those of question "
+                         f"{main.index} {list(main.options.values())}")
+    if main.answer is not None and row.answer is not None \
+            and row.options[row.answer] != main.options[main.answer]:
+        raise ValueError(f"{row.where}: answer {row.answer} ({row.options[row.answer]!r}) is not the correct "
+                         f"option of question {main.index} ({main.options[main.answer]!r})")
+    if row.options != rotate_options(main.options, k):
+        log.warning("%s: options are not question %d's options rotated left by %d; keeping the file's order",
+                    row.where, main.index, k)
+
+
+def _question(main: _Row, image_b64: str, copies: list[Copy]) -> Question:
+    copy0 = Copy(index=main.index, k=0, options=main.options, answer=main.answer)
+    return Question(q=main.index, question=main.question, hint=main.hint, category=main.category,
+                    l2_category=main.l2_category, split=main.split, image_b64=image_b64,
+                    copies=[copy0, *copies])
