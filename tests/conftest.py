@@ -35,12 +35,17 @@ def compose_run(*overrides: str) -> tuple[RunConfig, dict]:
     return to_run_config(cfg), OmegaConf.to_container(cfg, resolve=True)
 
 
+# Unless a test says otherwise: the tiny random Llava, a few steps, on the test-size tiny world's data.
+TEST_DEFAULTS = ("world=test", "model=tiny_random", "train=cpu_tiny", "train.progress=false")
+
+
 @pytest.fixture
 def run_cell(tmp_path):
     """Run one training job in-process into tmp_path/<name>; return its summary."""
     from vlmablate.train.runner import run
 
     def _run(*overrides: str, name: str = "run") -> dict:
+        overrides = (*TEST_DEFAULTS, *overrides)
         cfg, composed = compose_run(*overrides)
         return run(cfg, tmp_path / name, composed=composed, overrides=list(overrides))
 

@@ -10,7 +10,7 @@ from vlmablate.config import ConfigError, RunConfig, validate
 
 from conftest import CONF, compose_run
 
-GROUPS = ["model", "vision", "projector", "freeze", "quant", "data", "stage", "train", "eval", "logger"]
+GROUPS = ["model", "vision", "projector", "freeze", "quant", "data", "stage", "train", "eval", "logger", "world"]
 
 def make(*overrides: str) -> RunConfig:
     return compose_run(*overrides)[0]
@@ -21,7 +21,8 @@ def options(group: str) -> list[str]:
 
 
 def test_every_group_has_the_designed_options():
-    assert options("model") == ["llava15_7b", "llava16_mistral_7b", "llava_llama31_8b", "llava_phi2", "tiny_random"]
+    assert options("model") == ["llava15_7b", "llava16_mistral_7b", "llava_llama31_8b", "llava_phi2", "tiny_random",
+                                "tiny_world"]
     assert options("vision") == ["frozen", "last_n", "lora", "unfrozen"]
     assert options("projector") == ["linear", "mlp2x_gelu"]
     assert options("freeze") == ["frozen_llm", "full_llm", "lora_llm"]
@@ -42,7 +43,7 @@ def test_every_option_composes(group):
 
 def test_design_card_command_composes_verbatim():
     cfg = make("freeze=lora_llm", "vision=unfrozen")
-    assert (cfg.freeze.policy, cfg.vision.policy, cfg.stage.name, cfg.model.name) == ("lora", "unfrozen", "instruct", "tiny_random")
+    assert (cfg.freeze.policy, cfg.vision.policy, cfg.stage.name, cfg.model.name) == ("lora", "unfrozen", "instruct", "tiny_world")
     assert cfg.freeze.lora.r == 16 and cfg.freeze.lr == 2e-4
     validate(cfg)
 
@@ -50,7 +51,7 @@ def test_design_card_command_composes_verbatim():
 def test_stage_align_sets_llava_stage_one_defaults_but_the_command_line_wins():
     cfg = make("stage=align")
     assert (cfg.freeze.policy, cfg.vision.policy, cfg.data.name, cfg.stage.template, cfg.stage.lr) == (
-        "frozen", "frozen", "tiny_synthetic_caption", "plain", 1e-3)
+        "frozen", "frozen", "tiny_world_caption", "plain", 1e-3)
     cfg = make("stage=align", "freeze=full_llm")
     assert cfg.freeze.policy == "full"
 
@@ -86,9 +87,10 @@ def test_real_presets_point_at_the_published_checkpoints():
         (["freeze.lora.r=0"], "r must be >= 1"),
         (["vision=last_n", "vision.last_n=0"], "vision.last_n >= 1"),
         (["model=llava_phi2", "stage=instruct"], "needs stage-1 projector weights"),
+        (["model=llava_phi2", "model.pretrained_projector=auto"], "needs model.stage1_data"),
         (["stage=instruct", "model.pretrained_projector=/nonexistent/projector"], "does not exist"),
         (["stage=align", "model.pretrained_projector=/x"], "drop model.pretrained_projector"),
-        (["projector=linear"], "needs a composed model"),
+        (["model=tiny_random", "projector=linear"], "needs a composed model"),
         (["model=llava15_7b", "projector=linear"], "needs a composed model"),
         (["train.bf16=true", "train.fp16=true"], "pick one"),
         (["quant.mode=fp8"], "quant.mode='fp8' is not one of"),
@@ -97,6 +99,16 @@ def test_real_presets_point_at_the_published_checkpoints():
 def test_invalid_configs_say_what_to_change(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(make(*overrides), overrides)
+
+
+def test_tiny_world_is_the_default_and_finds_its_own_stage_one():
+    cfg = make()
+    assert (cfg.model.source, cfg.model.pretrained_projector, cfg.model.stage1_data) == (
+        "tiny_world", "auto", "tiny_world_caption")
+    assert (cfg.data.name, cfg.train.name, cfg.world.name, cfg.freeze.name, cfg.vision.policy) == (
+        "tiny_world_instruct", "cpu_world", "default", "lora_llm", "frozen")
+    validate(cfg)
+    validate(make("stage=align"))  # `auto` means nothing to load in stage 1
 
 
 def test_single_stage_on_a_composed_model_needs_no_projector():

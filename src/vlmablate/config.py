@@ -36,12 +36,34 @@ class TinyModelConfig:
 
 
 @dataclass
+class WorldConfig:
+    """The embedded tiny world: its seed, data sizes and the pretraining of its two components.
+
+    `vision` and `lm` override fields of `world.pretrain.VisionPretrainConfig` / `LMPretrainConfig`
+    (checked against them when the world is built).
+    """
+
+    name: str = MISSING
+    seed: int = 0
+    n_caption: int = 12000
+    n_instruct: int = 5000
+    n_bench: int = 300
+    n_vqa: int = 200
+    image_size: int = 64
+    vocab_size: int = 768
+    vision: dict[str, Any] = field(default_factory=dict)
+    lm: dict[str, Any] = field(default_factory=dict)
+    cache_dir: Optional[str] = None
+
+
+@dataclass
 class ModelConfig:
     """Which checkpoint to load, or which parts to compose into one Llava model."""
 
     name: str = MISSING
     # pretrained: a Llava / LlavaNext checkpoint (hub id or folder) with its processor;
-    # compose: vision encoder + causal LM + fresh projector; tiny_random: built in code.
+    # compose: vision encoder + causal LM + fresh projector; tiny_random: built in code;
+    # tiny_world: compose the tiny world's pretrained vision encoder and language model.
     source: str = "pretrained"
     checkpoint: Optional[str] = None
     vision_checkpoint: Optional[str] = None
@@ -50,8 +72,11 @@ class ModelConfig:
     vision_feature_select_strategy: str = "default"
     # Chat template for stage 2: null = the tokenizer's own (Vicuna v1 when it has none).
     chat_template: Optional[str] = None
-    # Stage-1 projector weights to start from (LLaVA's --pretrain_mm_mlp_adapter).
+    # Stage-1 projector weights to start from (LLaVA's --pretrain_mm_mlp_adapter): a projector
+    # folder, or `auto` = the stage-1 run of this model and projector on `stage1_data`, trained once
+    # and found again by the hash of its resolved config.
     pretrained_projector: Optional[str] = None
+    stage1_data: Optional[str] = None  # the data option stage 1 trains on (for pretrained_projector=auto)
     torch_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     max_length: int = 2048
     trust_remote_code: bool = False
@@ -112,7 +137,7 @@ class SourceConfig:
     """One data source in LLaVA JSON layout."""
 
     name: str = MISSING
-    kind: str = "llava_json"  # llava_json | synthetic_caption | synthetic_instruct
+    kind: str = "llava_json"  # llava_json | tiny_world_caption | tiny_world_instruct | synthetic_caption | synthetic_instruct
     path: Optional[str] = None
     image_root: Optional[str] = None
     num_records: int = 64  # synthetic sources only
@@ -163,6 +188,7 @@ class TrainConfig:
     fp16: bool = False
     gradient_checkpointing: bool = False
     logging_steps: int = 1
+    progress: bool = True  # progress bars
     save_steps: int = 500
     save_total_limit: Optional[int] = 2
     dataloader_num_workers: int = 0
@@ -199,6 +225,7 @@ class RunConfig:
     train: TrainConfig = MISSING
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
+    world: WorldConfig = MISSING
 
 
 GROUP_SCHEMAS = {
@@ -212,6 +239,7 @@ GROUP_SCHEMAS = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "logger": LoggerConfig,
+    "world": WorldConfig,
 }
 
 
@@ -225,8 +253,11 @@ def register_configs() -> None:
 
 # --- cross-field rules ----------------------------------------------------------------------------
 
+AUTO = "auto"
+COMPOSED_SOURCES = ("compose", "tiny_world")  # models whose projector starts fresh
+
 _CHOICES = {
-    "model.source": ("pretrained", "compose", "tiny_random"),
+    "model.source": ("pretrained", "compose", "tiny_random", "tiny_world"),
     "model.tiny.arch": ("llava", "llava_next"),
     "model.torch_dtype": ("auto", "float32", "bfloat16", "float16"),
     "vision.policy": ("frozen", "unfrozen", "lora", "last_n"),
@@ -305,10 +336,10 @@ def validate(cfg: RunConfig, overrides: Sequence[str] = ()) -> None:
         raise ConfigError("model.source=compose needs model.vision_checkpoint and model.llm_checkpoint")
     if cfg.model.source == "pretrained" and not cfg.model.checkpoint:
         raise ConfigError("model.source=pretrained needs model.checkpoint (a hub id or a local folder)")
-    if cfg.model.source != "compose" and cfg.projector.type == "linear":
+    if cfg.model.source not in COMPOSED_SOURCES and cfg.projector.type == "linear":
         raise ConfigError(
-            f"projector=linear needs a composed model (model.source=compose); {cfg.model.name} ships its own "
-            "mlp2x_gelu projector"
+            f"projector=linear needs a composed model (model.source=compose or tiny_world); {cfg.model.name} "
+            "ships its own mlp2x_gelu projector"
         )
     _validate_projector_lineage(cfg)
     if not cfg.data.sources:
@@ -317,10 +348,17 @@ def validate(cfg: RunConfig, overrides: Sequence[str] = ()) -> None:
 
 def _validate_projector_lineage(cfg: RunConfig) -> None:
     path = cfg.model.pretrained_projector
-    if cfg.stage.name == "align" and path:
+    if cfg.stage.name == "align" and path and path != AUTO:
         raise ConfigError("stage=align trains a projector from scratch; drop model.pretrained_projector")
+    if path == AUTO:
+        if not cfg.model.stage1_data:
+            raise ConfigError(
+                "model.pretrained_projector=auto needs model.stage1_data (the data option stage 1 trains on, "
+                "e.g. llava_pretrain_558k)"
+            )
+        return
     if path is None:
-        if cfg.stage.requires_pretrained_projector and cfg.model.source == "compose":
+        if cfg.stage.requires_pretrained_projector and cfg.model.source in COMPOSED_SOURCES:
             raise ConfigError(
                 f"stage={cfg.stage.name} on a composed model needs stage-1 projector weights: set "
                 "model.pretrained_projector=RUN_DIR/projector (from a stage=align run), or use stage=single "

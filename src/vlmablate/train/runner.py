@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import ConcatDataset
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
-from vlmablate.config import RunConfig, to_run_config, validate
+from dataclasses import replace
+
+from vlmablate.config import AUTO, ModelConfig, RunConfig, to_run_config, validate
 from vlmablate.data.collator import LlavaCollator
 from vlmablate.data.dataset import preflight
 from vlmablate.data.sources import build_dataset
@@ -24,7 +26,9 @@ from vlmablate.model.projector_io import check_projector_shapes, load_projector
 from vlmablate.report.wandb_log import finish_wandb, flat_config, start_wandb
 from vlmablate.train.artifacts import export_merged, save_artifacts
 from vlmablate.train.audit import GradientAudit
+from vlmablate.train.stages import ensure_stage1
 from vlmablate.train.trainer import VlmTrainer
+from vlmablate.world.build import ensure_world
 
 log = logging.getLogger(__name__)
 
@@ -99,22 +103,31 @@ def training_arguments(cfg: RunConfig, run_dir: Path) -> TrainingArguments:
         report_to=["wandb"] if cfg.logger.name == "wandb" else [],
         remove_unused_columns=False,  # the collator already yields model inputs only
         label_names=["labels"],
-        disable_tqdm=True,
+        disable_tqdm=not t.progress,
     )
 
 
-def _load(cfg: RunConfig, plan: FreezePlan):
+def resolve_model(cfg: RunConfig) -> ModelConfig:
+    """`model.source=tiny_world` is the compose mode on the tiny world's pretrained components."""
+    if cfg.model.source != "tiny_world":
+        return cfg.model
+    paths = ensure_world(cfg.world, progress=cfg.train.progress)
+    return replace(cfg.model, source="compose", vision_checkpoint=str(paths.vision), llm_checkpoint=str(paths.llm))
+
+
+def _load(cfg: RunConfig, plan: FreezePlan, projector_path: str | None):
     """Load the model, install the stage-1 projector if given, apply the plan; return model, processor, lineage."""
-    if cfg.model.pretrained_projector:
+    model_cfg = resolve_model(cfg)
+    if projector_path:
         # Shapes are checked from configs alone, before any weights load.
-        check_projector_shapes(cfg.model.pretrained_projector, model_dims(cfg.model, projector_type=plan.projector_type),
+        check_projector_shapes(projector_path, model_dims(model_cfg, projector_type=plan.projector_type),
                                plan.projector_type)
-    loaded = load_model(cfg.model, projector_type=plan.projector_type, quant=cfg.quant,
+    loaded = load_model(model_cfg, projector_type=plan.projector_type, quant=cfg.quant,
                         skip_modules=plan.skip_modules(), compute_dtype=compute_dtype(cfg))
     lineage = {"checkpoint": loaded.checkpoint, "arch": loaded.arch, "pretrained_projector": None}
-    if cfg.model.pretrained_projector:
-        meta = load_projector(loaded.model, cfg.model.pretrained_projector, projector_type=plan.projector_type)
-        lineage["pretrained_projector"] = {"path": str(cfg.model.pretrained_projector), "sha256": meta["sha256"]}
+    if projector_path:
+        meta = load_projector(loaded.model, projector_path, projector_type=plan.projector_type)
+        lineage["pretrained_projector"] = {"path": str(projector_path), "sha256": meta["sha256"]}
     model = apply_plan(loaded.model, plan, gradient_checkpointing=cfg.train.gradient_checkpointing)
     return model, loaded.processor, lineage
 
@@ -142,14 +155,26 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
     try:
         validate(cfg, overrides)
         plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage)
-        model, processor, lineage = _load(cfg, plan)
+        projector_path, stage1 = cfg.model.pretrained_projector, None
+        if projector_path == AUTO:  # only a stage that starts from stage-1 weights looks for them
+            if cfg.stage.requires_pretrained_projector:
+                stage1 = ensure_stage1(list(overrides), cfg.model.stage1_data, cache_dir(cfg.data.cache_dir))
+                projector_path = stage1["projector"]
+            else:
+                projector_path = None
+        # Seeded right before anything draws random numbers (LoRA's initial weights among them): a
+        # cell's result must not depend on what ran before it in the process, such as its stage 1.
+        set_seed(cfg.train.seed)
+        model, processor, lineage = _load(cfg, plan, projector_path)
+        lineage["stage1"] = stage1
         table = parameter_table(model, plan)
         log.info("freeze plan (stage=%s, quant=%s):\n%s", cfg.stage.name, cfg.quant.mode, format_table(table, plan))
         summary.update(params=table, plan=plan.to_dict(), lineage=lineage)
 
         dataset = build_dataset(cfg.data, processor=processor, template=cfg.stage.template,
                                 max_length=cfg.model.max_length, image_aspect=cfg.stage.image_aspect,
-                                cache_dir=cache_dir(cfg.data.cache_dir), image_size=_image_size(processor))
+                                cache_dir=cache_dir(cfg.data.cache_dir), image_size=_image_size(processor),
+                                world=cfg.world, progress=cfg.train.progress)
         summary["data"] = _data_report(dataset, cfg)
 
         wandb_run = start_wandb(cfg.logger, flat_config(composed or {}), run_dir=run_dir, job_type=cfg.stage.name,
@@ -191,7 +216,8 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
 
 
 def _train_summary(trainer: VlmTrainer, metrics: dict, wall: float) -> dict:
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    curve = [(e["step"], round(e["loss"], 5)) for e in trainer.state.log_history if "loss" in e]
+    losses = [loss for _, loss in curve]
     training_s = trainer.timer.seconds or wall
     return {
         "steps": trainer.state.global_step,
@@ -205,6 +231,7 @@ def _train_summary(trainer: VlmTrainer, metrics: dict, wall: float) -> dict:
         "train_loss": metrics.get("train_loss"),
         "samples_seen": trainer.samples_seen,
         "fully_masked_samples": trainer.fully_masked_samples,
+        "loss_curve": curve,  # (step, mean loss over the logging window ending there)
     }
 
 
@@ -222,5 +249,8 @@ def run_from_hydra(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     composed = OmegaConf.to_container(cfg, resolve=True)
     summary = run(to_run_config(cfg), run_dir, composed=composed, overrides=list(hydra_cfg.overrides.task))
-    log.info("summary: %s", run_dir / "summary.json")
-    return summary["train"]["final_loss"]
+    train = summary["train"]
+    log.info("done: %d steps in %.1f s, loss %.3f -> %.3f, %.0f tokens/s", train["steps"], train["wall_clock_s"],
+             train["first_loss"], train["final_loss"], train["tokens_per_s"])
+    log.info("run directory: %s (summary.json, final/)", run_dir)
+    return train["final_loss"]

@@ -22,13 +22,20 @@ log = logging.getLogger(__name__)
 
 
 class TrainTimer(TrainerCallback):
-    """When training proper starts and ends (after Trainer's one-time set-up of loaders and optimizer)."""
+    """When training proper starts and ends (after Trainer's one-time set-up of loaders and optimizer);
+    also makes sure the last step is logged."""
 
     def __init__(self):
         self.start = self.end = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Log the last step whatever logging_steps says: the final loss must be measured, not the
+        # one of the last multiple of logging_steps.
+        if state.global_step == state.max_steps:
+            control.should_log = True
 
     def on_train_end(self, args, state, control, **kwargs):
         self.end = time.perf_counter()

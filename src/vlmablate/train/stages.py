@@ -1,0 +1,84 @@
+"""Stage chaining: find or train the stage-1 projector a stage-2 run starts from.
+
+`model.pretrained_projector=auto` composes the stage-1 (align) run of the same model, projector,
+quantization and train preset on `model.stage1_data`, hashes its resolved config, and reuses the
+run cached under that hash, or trains it once under a file lock (two cells starting together train
+it once). LLaVA users pass `--pretrain_mm_mlp_adapter PATH` by hand; this keeps the path and the
+config that made it together.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from filelock import FileLock
+
+from vlmablate.config import config_hash
+
+log = logging.getLogger(__name__)
+
+# Overrides that belong to the stage-2 cell and must not leak into its stage-1 run.
+_CELL_KEYS = ("stage", "freeze", "vision", "data", "eval", "model.pretrained_projector", "hydra")
+# Settings that do not change what stage 1 learns, left out of its hash.
+_UNHASHED = ("logger", "train.progress")
+
+
+def compose_config(overrides: list[str]):
+    """Compose `conf/config.yaml` with overrides, inside a running Hydra app or outside one."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from vlmablate.config import to_run_config
+    from vlmablate.train.runner import PACKAGE_CONF
+
+    if GlobalHydra.instance().is_initialized():
+        cfg = compose(config_name="config", overrides=overrides)
+    else:
+        with initialize_config_dir(config_dir=str(PACKAGE_CONF), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    return to_run_config(cfg), OmegaConf.to_container(cfg, resolve=True)
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0]
+
+
+def stage1_overrides(overrides: list[str], stage1_data: str) -> list[str]:
+    kept = [o for o in overrides if not _key(o).split(".")[0] in _CELL_KEYS and not _key(o).startswith(_CELL_KEYS)]
+    return [*kept, "stage=align", f"data={stage1_data}", "eval=none", "model.pretrained_projector=null"]
+
+
+def _hashable(composed: dict) -> dict:
+    out = json.loads(json.dumps(composed, default=str))
+    for dotted in _UNHASHED:
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return out
+
+
+def ensure_stage1(overrides: list[str], stage1_data: str, cache_root: Path) -> dict:
+    """The stage-1 projector for this cell: {"projector", "run_dir", "hash", "reused"}."""
+    from vlmablate.train.runner import run
+
+    align_overrides = stage1_overrides(overrides, stage1_data)
+    cfg, composed = compose_config(align_overrides)
+    key = config_hash(_hashable(composed))
+    run_dir = cache_root / "stage1" / f"{cfg.model.name}-{cfg.projector.type}-{key}"
+    projector = run_dir / "final" / "projector"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(run_dir) + ".lock"):
+        summary_path = run_dir / "summary.json"
+        done = summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "completed"
+        if not done:
+            log.info("stage 1 (align) for this cell is not cached: training it once into %s", run_dir)
+            run(cfg, run_dir, composed=composed, overrides=align_overrides)
+        else:
+            log.info("reusing the stage-1 projector %s (config hash %s)", projector, key)
+    return {"projector": str(projector), "run_dir": str(run_dir), "hash": key, "reused": done,
+            "overrides": align_overrides}
