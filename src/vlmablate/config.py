@@ -160,6 +160,8 @@ class StageConfig:
     template: str = "chat"  # plain | chat
     lr: float = 2e-5
     image_aspect: str = "pad"  # square | pad
+    # random | length (HF's length grouping) | modality_length (LLaVA's group_by_modality_length)
+    sampler: str = "modality_length"
     # The recipe's global batch (LLaVA: 256 in stage 1, 128 in stage 2); presets with
     # train.gradient_accumulation_steps=null derive their accumulation from it.
     global_batch_size: Optional[int] = None
@@ -267,6 +269,7 @@ _CHOICES = {
     "stage.name": ("align", "instruct", "single"),
     "stage.template": ("plain", "chat"),
     "stage.image_aspect": ("square", "pad"),
+    "stage.sampler": ("random", "length", "modality_length"),
     "logger.name": ("none", "wandb"),
     "logger.mode": ("auto", "online", "offline"),
 }

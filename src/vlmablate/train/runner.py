@@ -21,7 +21,7 @@ from vlmablate.data.collator import LlavaCollator
 from vlmablate.data.dataset import preflight
 from vlmablate.data.sources import build_dataset
 from vlmablate.model.load import load_model, model_dims
-from vlmablate.model.plan import FreezePlan, apply_plan, format_table, parameter_table, resolve_plan
+from vlmablate.model.plan import FreezePlan, apply_plan, format_table, parameter_table, resolve_plan, unwrap
 from vlmablate.model.projector_io import check_projector_shapes, load_projector
 from vlmablate.report.wandb_log import finish_wandb, flat_config, start_wandb
 from vlmablate.train.artifacts import export_merged, save_artifacts
@@ -92,7 +92,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path) -> TrainingArguments:
         fp16=t.fp16,
         gradient_checkpointing=t.gradient_checkpointing,
         logging_steps=t.logging_steps,
-        logging_first_step=True,
+        logging_first_step=False,  # first_loss is the mean of the first logging window, not one batch
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -139,6 +139,12 @@ def _image_size(processor) -> int:
     return int(crop.get("height") or size.get("shortest_edge") or size.get("height") or 336)
 
 
+def modality_lengths(dataset: ConcatDataset, model) -> list[int]:
+    """LLaVA's per-record length estimates over every source (image tokens counted for image records)."""
+    image_tokens = int(getattr(unwrap(model).config, "image_seq_length", 0) or 0)
+    return [n for part in dataset.datasets for n in part.modality_lengths(image_tokens)]
+
+
 def _data_report(dataset: ConcatDataset, cfg: RunConfig) -> dict:
     report = preflight(dataset, max_records=cfg.data.preflight_records)
     if report["fully_masked"]:
@@ -181,17 +187,19 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
                                 tags=[f"stage:{cfg.stage.name}", f"freeze:{cfg.freeze.name}",
                                       f"vision:{cfg.vision.policy}", f"quant:{cfg.quant.mode}"])
         plan_record = {"config": composed, "plan": plan.to_dict(), "params": table, "lineage": lineage}
-        audit = GradientAudit()
         trainer = VlmTrainer(
             model=model,
             args=training_arguments(cfg, run_dir),
             train_dataset=dataset,
             data_collator=LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id),
             processing_class=processor,
-            callbacks=[audit],
             plan=plan,
             plan_record=plan_record,
+            sampler=cfg.stage.sampler,
+            lengths=None if cfg.stage.sampler == "random" else modality_lengths(dataset, model),
         )
+        audit = GradientAudit(step_had_images=lambda: trainer.timer.images_in_step > 0)
+        trainer.add_callback(audit)
         start = time.perf_counter()
         output = trainer.train()
         wall = time.perf_counter() - start
@@ -225,6 +233,7 @@ def _train_summary(trainer: VlmTrainer, metrics: dict, wall: float) -> dict:
         "setup_s": round(wall - training_s, 3),  # Trainer's one-time loader / optimizer / accelerator set-up
         "tokens": trainer.real_tokens,
         "tokens_per_s": round(trainer.real_tokens / training_s, 2) if training_s > 0 else 0.0,
+        "padding_efficiency": round(trainer.real_tokens / trainer.padded_tokens, 4) if trainer.padded_tokens else None,
         "peak_mem_mb": round(peak_memory_mb(), 1),
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,

@@ -11,8 +11,10 @@ import time
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from vlmablate.data.dataset import DataError
+from vlmablate.data.sampler import ModalityLengthGroupedSampler
 from vlmablate.data.templates import IGNORE_INDEX
 from vlmablate.model.plan import FreezePlan
 from vlmablate.train.artifacts import save_artifacts
@@ -22,14 +24,18 @@ log = logging.getLogger(__name__)
 
 
 class TrainTimer(TrainerCallback):
-    """When training proper starts and ends (after Trainer's one-time set-up of loaders and optimizer);
-    also makes sure the last step is logged."""
+    """Step bookkeeping: when training proper starts and ends (after Trainer's one-time set-up of
+    loaders and optimizer), whether the current step saw an image, and a log line for the last step."""
 
     def __init__(self):
         self.start = self.end = None
+        self.images_in_step = 0  # image samples in the current optimizer step's micro-batches
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.images_in_step = 0
 
     def on_step_end(self, args, state, control, **kwargs):
         # Log the last step whatever logging_steps says: the final loss must be measured, not the
@@ -46,15 +52,33 @@ class TrainTimer(TrainerCallback):
 
 
 class VlmTrainer(Trainer):
-    def __init__(self, *args, plan: FreezePlan, plan_record: dict, **kwargs):
+    def __init__(self, *args, plan: FreezePlan, plan_record: dict, sampler: str = "random",
+                 lengths: list[int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.sampler_kind = sampler
+        self.lengths = lengths  # LLaVA's modality lengths: > 0 with an image, < 0 text-only
         self.timer = TrainTimer()
         self.add_callback(self.timer)
         self.plan = plan
         self.plan_record = plan_record
         self.real_tokens = 0  # non-padding tokens seen in training forwards (image tokens included)
+        self.padded_tokens = 0
         self.fully_masked_samples = 0
         self.samples_seen = 0
+
+    # --- sampling ----------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        if self.sampler_kind == "random":
+            return super()._get_train_sampler(train_dataset)
+        if self.lengths is None:
+            raise ValueError(f"stage.sampler={self.sampler_kind} needs per-record lengths")
+        # As LLaVA: one megabatch covers every rank's micro-batches of one optimizer step.
+        world = self.args.world_size * self.args.gradient_accumulation_steps
+        if self.sampler_kind == "modality_length":
+            return ModalityLengthGroupedSampler(self.lengths, batch_size=self.args.per_device_train_batch_size,
+                                                world_size=world, seed=self.args.seed)
+        return LengthGroupedSampler(self.args.per_device_train_batch_size * world,
+                                    lengths=[abs(n) for n in self.lengths])
 
     # --- optimizer -------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -83,6 +107,8 @@ class VlmTrainer(Trainer):
         if model.training:
             labels = inputs["labels"]
             self.real_tokens += int(inputs["attention_mask"].sum())
+            self.padded_tokens += inputs["attention_mask"].numel()
+            self.timer.images_in_step += int("pixel_values" in inputs)
             self.samples_seen += labels.shape[0]
             self.fully_masked_samples += int((labels == IGNORE_INDEX).all(dim=1).sum())
             self._check_masking()
