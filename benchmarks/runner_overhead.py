@@ -41,7 +41,8 @@ MODEL = ["model.tiny.image_size=64", "model.tiny.vision_hidden=128", "model.tiny
 def hand_written_loop(cfg, steps: int) -> float:
     """tokens/s of the plain loop: same model, plan, optimizer groups, data pipeline and batch size."""
     torch.manual_seed(cfg.train.seed)
-    plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage)
+    plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage,
+                        lr_scale=cfg.train.lr_scale)
     model, processor, _ = runner._load(cfg, plan)
     dataset = build_dataset(cfg.data, processor=processor, template=cfg.stage.template,
                             max_length=cfg.model.max_length, image_aspect=cfg.stage.image_aspect,

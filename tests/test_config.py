@@ -112,4 +112,10 @@ def test_tiny_world_is_the_default_and_finds_its_own_stage_one():
 
 
 def test_single_stage_on_a_composed_model_needs_no_projector():
-    validate(make("model=llava_phi2", "stage=single"))
+    validate(make("model=llava_phi2", "stage=single", "eval=none"))
+
+
+def test_real_models_need_their_benchmark_files():
+    with pytest.raises(ConfigError, match="eval=tiny_world on llava15_7b needs eval.tsv=FILE"):
+        validate(make("model=llava15_7b"))
+    validate(make("model=llava15_7b", "eval=mmbench", "eval.tsv=/data/MMBench_DEV_EN.tsv"))

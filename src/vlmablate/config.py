@@ -186,6 +186,9 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
+    # Multiplies every component's learning rate (ratios kept): the recipe's LRs suit 7B models; the
+    # tiny world's presets scale them up so that a few hundred CPU steps learn something.
+    lr_scale: float = 1.0
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
@@ -202,7 +205,24 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """Evaluation after training (and by `python -m vlmablate.eval`)."""
+
     name: str = "none"
+    tasks: list[str] = field(default_factory=list)  # mmbench, textvqa
+    # generate: greedy + exact matching (comparable to published MMBench numbers);
+    # likelihood: option-letter scores at the answer position (fast, for sweeps)
+    mode: str = "generate"
+    tsv: Optional[str] = None  # an MMBench TSV; null = the tiny world's benchmark
+    circular: str = "auto"  # auto | expand (rotate options when the file has no copies) | off
+    vqa_json: Optional[str] = None  # a TextVQA-layout JSON; null = the tiny world's open-ended set
+    vqa_image_root: Optional[str] = None
+    use_ocr: bool = True
+    text_only_baseline: bool = False  # also score MMBench with a blank image
+    batch_size: int = 16
+    max_new_tokens: int = 8
+    max_questions: Optional[int] = None
+    n_boot: int = 1000
+    wandb_samples: int = 32  # predictions (with images) in a wandb.Table
 
 
 @dataclass
@@ -228,6 +248,7 @@ class RunConfig:
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
     world: WorldConfig = MISSING
+    run_dir: Optional[str] = None  # `python -m vlmablate.eval run_dir=PATH`: the finished run to evaluate
 
 
 GROUP_SCHEMAS = {
@@ -271,6 +292,8 @@ _CHOICES = {
     "stage.image_aspect": ("square", "pad"),
     "stage.sampler": ("random", "length", "modality_length"),
     "logger.name": ("none", "wandb"),
+    "eval.mode": ("generate", "likelihood"),
+    "eval.circular": ("auto", "expand", "off"),
     "logger.mode": ("auto", "online", "offline"),
 }
 
@@ -345,6 +368,16 @@ def validate(cfg: RunConfig, overrides: Sequence[str] = ()) -> None:
             "ships its own mlp2x_gelu projector"
         )
     _validate_projector_lineage(cfg)
+    unknown_tasks = sorted(set(cfg.eval.tasks) - {"mmbench", "textvqa"})
+    if unknown_tasks:
+        raise ConfigError(f"eval.tasks has unknown task(s) {unknown_tasks}; use mmbench and/or textvqa")
+    if "mmbench" in cfg.eval.tasks and cfg.eval.tsv is None and cfg.model.source not in ("tiny_world", "tiny_random"):
+        raise ConfigError(f"eval={cfg.eval.name} on {cfg.model.name} needs eval.tsv=FILE (an MMBench TSV, e.g. "
+                          "MMBench_DEV_EN.tsv), or eval=none")
+    if "textvqa" in cfg.eval.tasks and cfg.eval.vqa_json is None and cfg.model.source not in ("tiny_world",
+                                                                                              "tiny_random"):
+        raise ConfigError(f"eval={cfg.eval.name} on {cfg.model.name} needs eval.vqa_json=FILE and "
+                          "eval.vqa_image_root=DIR, or eval=none")
     if not cfg.data.sources:
         raise ConfigError(f"data={cfg.data.name} lists no sources")
 

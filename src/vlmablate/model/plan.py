@@ -80,12 +80,17 @@ class FreezePlan:
 
 
 def resolve_plan(
-    vision: VisionConfig, projector: ProjectorConfig, freeze: FreezeConfig, quant: QuantConfig, stage: StageConfig
+    vision: VisionConfig, projector: ProjectorConfig, freeze: FreezeConfig, quant: QuantConfig, stage: StageConfig,
+    *, lr_scale: float = 1.0,
 ) -> FreezePlan:
-    """Turn the four policy groups and the stage into one plan (learning rates fall back to the stage's)."""
+    """Turn the four policy groups and the stage into one plan (learning rates fall back to the stage's).
+
+    `lr_scale` multiplies every component's LR, keeping the recipe's ratios (projector vs LLM vs vision):
+    the recipe's LRs are tuned for 7B models, and a tiny model learns nothing at them in a CPU budget.
+    """
 
     def lr(trainable: bool, own: Optional[float]) -> Optional[float]:
-        return (own if own is not None else stage.lr) if trainable else None
+        return (own if own is not None else stage.lr) * lr_scale if trainable else None
 
     vision_mode = {"frozen": "frozen", "unfrozen": "full", "lora": "lora", "last_n": "last_n"}[vision.policy]
     return FreezePlan(

@@ -6,6 +6,7 @@ logged and training goes on: experiment tracking must never block or crash a run
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -55,6 +56,29 @@ def start_wandb(cfg: LoggerConfig, config: dict, *, run_dir: Path, job_type: str
     except Exception as exc:  # tracking is optional; never let it take the run down
         log.warning("W&B could not start (%s); training continues without it", exc)
         return None
+
+
+def log_predictions(run, samples: dict, n: int) -> None:
+    """A `wandb.Table` of the first `n` MMBench predictions with their images."""
+    rows = samples.get("mmbench") or []
+    if run is None or not rows or n <= 0:
+        return
+    try:
+        import wandb
+
+        from vlmablate.eval.mmbench import decode_image, read_mmbench_tsv
+
+        tsv = samples.get("mmbench_tsv")
+        images = {q.q: q.image_b64 for q in read_mmbench_tsv(tsv)} if tsv else {}
+        table = wandb.Table(columns=["index", "copy", "category", "image", "prediction", "answer", "correct", "raw"])
+        for row in rows[:n]:
+            image = wandb.Image(decode_image(images[row["q"]])) if row["q"] in images else None
+            raw = row.get("reply", row.get("letter_scores"))
+            table.add_data(row["index"], row["copy"], row["category"], image, row["prediction"], row["answer"],
+                           row["correct"], json.dumps(raw))
+        run.log({"eval/mmbench_predictions": table})
+    except Exception as exc:
+        log.warning("W&B prediction table skipped (%s)", exc)
 
 
 def finish_wandb(run, summary: dict) -> None:

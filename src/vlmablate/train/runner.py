@@ -23,7 +23,8 @@ from vlmablate.data.sources import build_dataset
 from vlmablate.model.load import load_model, model_dims
 from vlmablate.model.plan import FreezePlan, apply_plan, format_table, parameter_table, resolve_plan, unwrap
 from vlmablate.model.projector_io import check_projector_shapes, load_projector
-from vlmablate.report.wandb_log import finish_wandb, flat_config, start_wandb
+from vlmablate.eval.suite import run_eval
+from vlmablate.report.wandb_log import finish_wandb, flat_config, log_predictions, start_wandb
 from vlmablate.train.artifacts import export_merged, save_artifacts
 from vlmablate.train.audit import GradientAudit
 from vlmablate.train.stages import ensure_stage1
@@ -156,11 +157,16 @@ def _data_report(dataset: ConcatDataset, cfg: RunConfig) -> dict:
 def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, overrides: list[str] = ()) -> dict:
     """Train one cell; write `summary.json` into `run_dir` whatever happens; return the summary."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    hydra_config = run_dir / ".hydra" / "config.yaml"
+    if composed is not None and not hydra_config.exists():  # called in-process, not through the Hydra app
+        hydra_config.parent.mkdir(exist_ok=True)
+        OmegaConf.save(OmegaConf.create(composed), hydra_config)
     summary: dict = {"status": "failed", "run_dir": str(run_dir)}
     wandb_run = None
     try:
         validate(cfg, overrides)
-        plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage)
+        plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage,
+                        lr_scale=cfg.train.lr_scale)
         projector_path, stage1 = cfg.model.pretrained_projector, None
         if projector_path == AUTO:  # only a stage that starts from stage-1 weights looks for them
             if cfg.stage.requires_pretrained_projector:
@@ -212,7 +218,9 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
                                                 run_dir / "final")
         summary["artifacts"] = {"checkpoint": str(run_dir / "final"), "projector": artifacts.get("projector"),
                                 **artifacts}
-        summary["eval"] = {}
+        summary["eval"], samples = run_eval(cfg.eval, trainer.model, processor, run_dir / "eval", world=cfg.world,
+                                            progress=cfg.train.progress)
+        log_predictions(wandb_run, samples, cfg.eval.wandb_samples)
         summary["status"] = "completed"
         return summary
     except Exception as exc:
@@ -224,7 +232,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
 
 
 def _train_summary(trainer: VlmTrainer, metrics: dict, wall: float) -> dict:
-    curve = [(e["step"], round(e["loss"], 5)) for e in trainer.state.log_history if "loss" in e]
+    curve = [[e["step"], round(e["loss"], 5)] for e in trainer.state.log_history if "loss" in e]
     losses = [loss for _, loss in curve]
     training_s = trainer.timer.seconds or wall
     return {
@@ -257,9 +265,16 @@ def run_from_hydra(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     composed = OmegaConf.to_container(cfg, resolve=True)
-    summary = run(to_run_config(cfg), run_dir, composed=composed, overrides=list(hydra_cfg.overrides.task))
-    train = summary["train"]
+    run_cfg = to_run_config(cfg)
+    summary = run(run_cfg, run_dir, composed=composed, overrides=list(hydra_cfg.overrides.task))
+    train, mmbench = summary["train"], summary["eval"].get("mmbench")
+    plan = resolve_plan(run_cfg.vision, run_cfg.projector, run_cfg.freeze, run_cfg.quant, run_cfg.stage,
+                        lr_scale=run_cfg.train.lr_scale)
+    log.info("what trained:\n%s", format_table(summary["params"], plan))
     log.info("done: %d steps in %.1f s, loss %.3f -> %.3f, %.0f tokens/s", train["steps"], train["wall_clock_s"],
              train["first_loss"], train["final_loss"], train["tokens_per_s"])
-    log.info("run directory: %s (summary.json, final/)", run_dir)
-    return train["final_loss"]
+    if mmbench:
+        log.info("MMBench-style %s accuracy: circular %.3f (95%% CI %.3f-%.3f), vanilla %.3f", mmbench["mode"],
+                 mmbench["circular_acc"], *mmbench["circular_ci"], mmbench["vanilla_acc"])
+    log.info("run directory: %s (summary.json, final/, eval/)", run_dir)
+    return mmbench["circular_acc"] if mmbench else train["final_loss"]
