@@ -26,6 +26,16 @@ class DataError(ValueError):
     """A data file or record that cannot be used; the message names the file, record and reason."""
 
 
+def llava_turns(pairs: list[tuple[str, str]], image: bool = False) -> list[dict]:
+    """LLaVA's human/gpt turns for question–answer pairs; `<image>` only at the start of the first
+    human turn, as LLaVA writes it."""
+    turns = []
+    for k, (question, answer) in enumerate(pairs):
+        prefix = "<image>\n" if image and k == 0 else ""
+        turns += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+    return turns
+
+
 def load_llava_json(path: str | os.PathLike) -> list[dict]:
     """Read a LLaVA JSON list (or `.jsonl`, one record a line) and check each record's shape."""
     path = Path(path)

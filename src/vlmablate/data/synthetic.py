@@ -18,6 +18,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from vlmablate.data.dataset import llava_turns
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
@@ -147,7 +149,7 @@ def _instruct_records(folder: Path, n: int, rng: random.Random, size: int) -> li
         record_id = f"ins-{k:05d}"
         if k % 5 == 4:
             question, answer = _text_question(rng)
-            records.append({"id": record_id, "conversations": _turns([(question, answer)])})
+            records.append({"id": record_id, "conversations": llava_turns([(question, answer)])})
             continue
         scene = random_scene(rng)
         pairs = _scene_questions(scene, rng)
@@ -155,18 +157,9 @@ def _instruct_records(folder: Path, n: int, rng: random.Random, size: int) -> li
         records.append({
             "id": record_id,
             "image": _save_image(folder, f"ins_{k:05d}", scene, size),
-            "conversations": _turns(rng.sample(pairs, n_turns), image=True),
+            "conversations": llava_turns(rng.sample(pairs, n_turns), image=True),
         })
     return records
-
-
-def _turns(pairs: list[tuple[str, str]], image: bool = False) -> list[dict]:
-    """Human/gpt turns; `<image>` only in the first human turn, as LLaVA writes it."""
-    turns = []
-    for k, (question, answer) in enumerate(pairs):
-        prefix = "<image>\n" if image and k == 0 else ""
-        turns += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
-    return turns
 
 
 def _scene_questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str]]:

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vlmablate.data.dataset import llava_turns
 from vlmablate.world import language
 from vlmablate.world.scenes import Scene, render, sample_scene, scene_rng
 
@@ -285,10 +286,10 @@ class _World:
     def _instruct_record(self, kind: str, rng: random.Random, balance: _CategoryBalance) -> tuple[dict, list[str]]:
         """One record of `kind` (without its id) and the categories of the questions it asks."""
         if kind == "text":
-            return {"conversations": _turns(language.text_only_dialogue(rng))}, []
+            return {"conversations": llava_turns(language.text_only_dialogue(rng))}, []
         image, scene = self._train_image()
         if kind == "detail":
-            return {"image": image, "conversations": _turns(
+            return {"image": image, "conversations": llava_turns(
                 [(rng.choice(DETAIL_PROMPTS), language.describe(scene))], image=True)}, []
         if kind == "multi":
             items = []
@@ -301,7 +302,7 @@ class _World:
             item = balance.question(scene, rng)
             items = [item]
             pairs = [_single_turn(kind, item, rng)]
-        return {"image": image, "conversations": _turns(pairs, image=True)}, [it["category"] for it in items]
+        return {"image": image, "conversations": llava_turns(pairs, image=True)}, [it["category"] for it in items]
 
     # --- benchmarks ------------------------------------------------------------------------------
 
@@ -368,15 +369,6 @@ def _ordered(counts: Counter) -> dict:
 
 
 # --- conversation pieces --------------------------------------------------------------------------
-
-
-def _turns(pairs: list[tuple[str, str]], image: bool = False) -> list[dict]:
-    """Human/gpt turns; `<image>` only at the start of the first human turn, as LLaVA writes it."""
-    turns = []
-    for k, (question, answer) in enumerate(pairs):
-        prefix = "<image>\n" if image and k == 0 else ""
-        turns += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
-    return turns
 
 
 def _spoken_answer(item: dict, rng: random.Random) -> str:
