@@ -166,7 +166,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
     try:
         validate(cfg, overrides)
         plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage,
-                        lr_scale=cfg.train.lr_scale)
+                            lr_scale=cfg.train.lr_scale)
         projector_path, stage1 = cfg.model.pretrained_projector, None
         if projector_path == AUTO:  # only a stage that starts from stage-1 weights looks for them
             if cfg.stage.requires_pretrained_projector:
