@@ -180,3 +180,32 @@ def test_stage_lr_is_the_fallback():
     assert plan_for().llm.lr is None
     assert plan_for(quant="nf4", llm="lora").skip_modules() == [
         "model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+def test_lr_scale_multiplies_every_component_lr_and_keeps_ratios():
+    cfgs = (VisionConfig(policy="unfrozen", lr=2e-6), ProjectorConfig(), FreezeConfig(name="lora_llm", policy="lora",
+            lr=2e-4, lora=LORA), QuantConfig(), StageConfig(name="instruct", lr=2e-5))
+    base, scaled = resolve_plan(*cfgs), resolve_plan(*cfgs, lr_scale=10)
+    for c in ("vision", "projector", "llm"):
+        assert scaled.component(c).lr == pytest.approx(10 * base.component(c).lr)
+    assert (scaled.vision.lr, scaled.projector.lr, scaled.llm.lr) == pytest.approx((2e-5, 2e-4, 2e-3))
+
+
+def test_gradient_audit_waits_for_an_image_before_checking_the_image_path(tokenizer):
+    from types import SimpleNamespace
+
+    from vlmablate.train.audit import GradientAudit, PlanViolation
+
+    model = apply_plan(fresh(tokenizer), plan_for(llm="lora"))
+    had_images = {"value": False}
+    audit = GradientAudit(step_had_images=lambda: had_images["value"])
+    audit.on_train_begin(None, None, None, model=model)
+    ids = torch.tensor([[tokenizer.bos_token_id, 10, 11, 12]])
+    model(input_ids=ids, labels=ids).loss.backward()  # text only: the projector gets no gradient
+    state = SimpleNamespace(global_step=0)
+    audit.on_pre_optimizer_step(None, state, None, model=model)  # waived, not an error
+    audit.on_optimizer_step(None, state, None, model=model)
+    assert not audit.done
+    had_images["value"], state.global_step = True, 1  # a step with an image, still no projector gradient
+    with pytest.raises(PlanViolation, match="multi_modal_projector"):
+        audit.on_pre_optimizer_step(None, state, None, model=model)

@@ -225,3 +225,14 @@ def test_gradient_audit_stops_a_vision_tower_run_under_no_grad(run_cell, monkeyp
     monkeypatch.setattr(CLIPEncoder, "forward", no_grad_forward)
     with pytest.raises(PlanViolation, match=r"received no gradient.*vision_tower"):
         run_cell("vision=unfrozen", "freeze=frozen_llm", "train.max_steps=2")
+
+
+@pytest.mark.slow
+def test_grouped_samplers_pad_less_than_random_batches(run_cell):
+    efficiency = {}
+    for sampler in ("random", "length", "modality_length"):
+        s = run_cell(f"stage.sampler={sampler}", "freeze=lora_llm", "train.max_steps=6", "train.save_steps=100",
+                     "eval=none", name=sampler)
+        efficiency[sampler] = s["train"]["padding_efficiency"]
+    assert efficiency["modality_length"] > efficiency["random"]
+    assert efficiency["length"] > efficiency["random"]
