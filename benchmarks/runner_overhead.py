@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from vlmablate.config import register_configs, to_run_config
+from vlmablate.config import cache_root, register_configs, to_run_config
 from vlmablate.data.collator import LlavaCollator
 from vlmablate.data.sources import build_dataset
 from vlmablate.model.plan import resolve_plan
@@ -46,7 +46,7 @@ def hand_written_loop(cfg, steps: int) -> float:
     model, processor, _ = runner._load(cfg, plan)
     dataset = build_dataset(cfg.data, processor=processor, template=cfg.stage.template,
                             max_length=cfg.model.max_length, image_aspect=cfg.stage.image_aspect,
-                            cache_dir=runner.cache_dir(cfg.data.cache_dir), image_size=runner._image_size(processor))
+                            cache_dir=cache_root(cfg.data.cache_dir), image_size=runner._image_size(processor))
     loader = DataLoader(dataset, batch_size=cfg.train.per_device_train_batch_size, shuffle=True,
                         collate_fn=LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id))
     decay = {n for n, _ in model.named_parameters() if "bias" not in n and "norm" not in n}

@@ -417,6 +417,14 @@ def _validate_projector_lineage(cfg: RunConfig) -> None:
         )
 
 
+def cache_root(configured: str | None = None) -> Path:
+    """Where built checkpoints, generated data and stage-1 runs are kept: the configured folder,
+    else $VLMABLATE_CACHE, else ~/.cache/vlmablate."""
+    import os
+
+    return Path(configured or os.environ.get("VLMABLATE_CACHE") or Path.home() / ".cache" / "vlmablate").expanduser()
+
+
 def config_hash(cfg: RunConfig | dict) -> str:
     """A short stable hash of a resolved config (used to name and find artifacts)."""
     import hashlib

@@ -49,6 +49,7 @@ except ImportError:  # pragma: no cover - older transformers
     from transformers import CLIPImageProcessor, SiglipImageProcessor
 
 from vlmablate.config import ConfigError, ModelConfig, QuantConfig
+from vlmablate.config import cache_root as config_cache_root
 from vlmablate.data.templates import VICUNA_V1_CHAT_TEMPLATE
 from vlmablate.model.tiny import IMAGE_TOKEN, TinySpec, ensure_tiny_checkpoint
 
@@ -80,8 +81,7 @@ class LoadedModel:
 
 def cache_root(cfg: ModelConfig) -> Path:
     """Where tiny and composed checkpoints are built: cfg.cache_dir, $VLMABLATE_CACHE or ~/.cache/vlmablate."""
-    root = cfg.cache_dir or os.environ.get("VLMABLATE_CACHE") or Path.home() / ".cache" / "vlmablate"
-    return Path(root).expanduser()
+    return config_cache_root(cfg.cache_dir)
 
 
 def tiny_spec(cfg: ModelConfig) -> TinySpec:

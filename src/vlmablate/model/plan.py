@@ -7,7 +7,6 @@ quantization skip list, optimizer learning rates, what gets saved — is derived
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -16,8 +15,6 @@ import torch
 from torch import nn
 
 from vlmablate.config import FreezeConfig, LoraConfig, ProjectorConfig, QuantConfig, StageConfig, VisionConfig
-
-log = logging.getLogger(__name__)
 
 COMPONENTS = ("vision", "projector", "llm")
 # Module paths of Llava / LlavaNext in transformers >= 5. The quantization skip list must use these

@@ -16,7 +16,7 @@ from transformers import TrainingArguments, set_seed
 
 from dataclasses import replace
 
-from vlmablate.config import AUTO, ModelConfig, RunConfig, to_run_config, validate
+from vlmablate.config import AUTO, ModelConfig, RunConfig, cache_root, to_run_config, validate
 from vlmablate.data.collator import LlavaCollator
 from vlmablate.data.dataset import preflight
 from vlmablate.data.sources import build_dataset
@@ -34,10 +34,6 @@ from vlmablate.world.build import ensure_world
 log = logging.getLogger(__name__)
 
 PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
-
-
-def cache_dir(configured: str | None = None) -> Path:
-    return Path(configured or os.environ.get("VLMABLATE_CACHE") or Path.home() / ".cache" / "vlmablate")
 
 
 def compute_dtype(cfg: RunConfig) -> torch.dtype:
@@ -170,7 +166,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
         projector_path, stage1 = cfg.model.pretrained_projector, None
         if projector_path == AUTO:  # only a stage that starts from stage-1 weights looks for them
             if cfg.stage.requires_pretrained_projector:
-                stage1 = ensure_stage1(list(overrides), cfg.model.stage1_data, cache_dir(cfg.data.cache_dir))
+                stage1 = ensure_stage1(list(overrides), cfg.model.stage1_data, cache_root(cfg.data.cache_dir))
                 projector_path = stage1["projector"]
             else:
                 projector_path = None
@@ -185,7 +181,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
 
         dataset = build_dataset(cfg.data, processor=processor, template=cfg.stage.template,
                                 max_length=cfg.model.max_length, image_aspect=cfg.stage.image_aspect,
-                                cache_dir=cache_dir(cfg.data.cache_dir), image_size=_image_size(processor),
+                                cache_dir=cache_root(cfg.data.cache_dir), image_size=_image_size(processor),
                                 world=cfg.world, progress=cfg.train.progress)
         summary["data"] = _data_report(dataset, cfg)
 

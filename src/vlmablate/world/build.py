@@ -25,7 +25,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from vlmablate.config import ConfigError, WorldConfig
+from vlmablate.config import ConfigError, WorldConfig, cache_root
 from vlmablate.world import data as world_data
 from vlmablate.world import language, pretrain
 from vlmablate.world.scenes import sample_scene, scene_rng
@@ -51,10 +51,6 @@ class WorldPaths:
     @property
     def meta(self) -> dict:
         return json.loads((self.root / "meta.json").read_text())
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("VLMABLATE_CACHE") or Path.home() / ".cache" / "vlmablate")
 
 
 def _sub_config(cls, overrides: dict, seed: int, where: str):
@@ -92,13 +88,9 @@ def world_key(world: WorldConfig) -> str:
     return f"v{world_data.GENERATOR_VERSION}.{BUILD_VERSION}-seed{world.seed}-{digest}"
 
 
-def _cache_root(world: WorldConfig) -> Path:
-    return Path(world.cache_dir).expanduser() if world.cache_dir else default_cache()
-
-
 def ensure_world_data(world: WorldConfig, *, progress: bool = True) -> dict:
     """Only the data files (no pretraining): what `data=tiny_world_*` needs for any model."""
-    folder = _cache_root(world) / "world-data" / f"v{world_data.GENERATOR_VERSION}-seed{world.seed}-" \
+    folder = cache_root(world.cache_dir) / "world-data" / f"v{world_data.GENERATOR_VERSION}-seed{world.seed}-" \
         f"{hashlib.sha256(json.dumps(dataclasses.asdict(sizes(world))).encode()).hexdigest()[:10]}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
@@ -134,7 +126,7 @@ def lm_texts(world: WorldConfig, data: dict, tokenizer) -> tuple[list[str], list
 def ensure_world(world: WorldConfig, *, progress: bool = True) -> WorldPaths:
     """The built world for `world` (data + pretrained components), building it once if missing."""
     data = ensure_world_data(world, progress=progress)
-    root = _cache_root(world) / "world" / world_key(world)
+    root = cache_root(world.cache_dir) / "world" / world_key(world)
     if (root / "meta.json").exists():
         return WorldPaths(root, data)
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -156,30 +156,27 @@ def _existence(scene: Scene, rng: random.Random) -> dict:
     return _item("existence", question, answer, list(YES_NO), sentence, rng)
 
 
-def _shape_ref(scene: Scene, o: Obj) -> str:
-    """`the triangle` when the shape is unique, else qualified by size, fill or place."""
-    same = [p for p in scene.objects if p.shape == o.shape]
+def _reference(scene: Scene, o: Obj, attribute: str, noun: str) -> str:
+    """`the {noun}` when no other object shares `attribute`, else qualified by size, fill or place."""
+    same = [p for p in scene.objects if getattr(p, attribute) == getattr(o, attribute)]
     if len(same) == 1:
-        return f"the {o.shape}"
+        return f"the {noun}"
     for word in (lambda p: p.size, lambda p: p.fill):
         if sum(word(p) == word(o) for p in same) == 1:
-            return f"the {word(o)} {o.shape}"
+            return f"the {word(o)} {noun}"
     if sum(quadrant(p) == quadrant(o) for p in same) == 1:
-        return f"the {o.shape} at the {quadrant(o)}"
-    return f"the {o.shape} at the {position(o)}"  # cells are distinct, so this is always unique
+        return f"the {noun} at the {quadrant(o)}"
+    return f"the {noun} at the {position(o)}"  # cells are distinct, so this is always unique
+
+
+def _shape_ref(scene: Scene, o: Obj) -> str:
+    """`the triangle`, or `the small triangle`, ... when another triangle is there."""
+    return _reference(scene, o, "shape", o.shape)
 
 
 def _colour_ref(scene: Scene, o: Obj) -> str:
-    """`the blue object` when the colour is unique, else qualified by size, fill or place."""
-    same = [p for p in scene.objects if p.colour == o.colour]
-    if len(same) == 1:
-        return f"the {o.colour} object"
-    for word in (lambda p: p.size, lambda p: p.fill):
-        if sum(word(p) == word(o) for p in same) == 1:
-            return f"the {word(o)} {o.colour} object"
-    if sum(quadrant(p) == quadrant(o) for p in same) == 1:
-        return f"the {o.colour} object at the {quadrant(o)}"
-    return f"the {o.colour} object at the {position(o)}"
+    """`the blue object`, or `the small blue object`, ... when another blue object is there."""
+    return _reference(scene, o, "colour", f"{o.colour} object")
 
 
 def _colour(scene: Scene, rng: random.Random) -> dict:
