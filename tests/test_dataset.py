@@ -173,6 +173,8 @@ def test_modality_lengths_signs_and_values(root, processor):
 
 def test_bad_constructor_arguments(root, processor):
     with pytest.raises(DataError, match="unknown image_aspect"):
+        make_dataset([qa()], processor, root, image_aspect="letterbox")
+    with pytest.raises(DataError, match="anyres needs a LLaVA-NeXT processor"):
         make_dataset([qa()], processor, root, image_aspect="anyres")
     with pytest.raises(DataError, match="unknown template"):
         make_dataset([qa()], processor, root, template="v1")

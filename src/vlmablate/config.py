@@ -79,6 +79,9 @@ class ModelConfig:
     stage1_data: Optional[str] = None  # the data option stage 1 trains on (for pretrained_projector=auto)
     torch_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     max_length: int = 2048
+    # The model's own image mode, which wins over the stage's (null: the stage's): LLaVA-NeXT
+    # checkpoints are trained on anyres tiles.
+    image_aspect: Optional[str] = None
     trust_remote_code: bool = False
     cache_dir: Optional[str] = None  # where tiny/composed checkpoints are built
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -134,13 +137,27 @@ class QuantConfig:
 
 @dataclass
 class SourceConfig:
-    """One data source in LLaVA JSON layout."""
+    """One data source of a mix: a LLaVA JSON file, a local HF `datasets` source, or generated data.
+
+    How much of it goes into the mix: all of it by default; `count: N` (or the name suffix `#N`, as in
+    ms-swift's `llava_pretrain#3000`) takes N records drawn deterministically from `data.seed` (whole
+    repetitions first when N is larger than the source); `weight: w` takes round(w x its size).
+    """
 
     name: str = MISSING
-    kind: str = "llava_json"  # llava_json | tiny_world_caption | tiny_world_instruct | synthetic_caption | synthetic_instruct
-    path: Optional[str] = None
-    image_root: Optional[str] = None
+    # llava_json | hf | tiny_world_caption | tiny_world_instruct | synthetic_caption | synthetic_instruct
+    kind: str = "llava_json"
+    path: Optional[str] = None  # llava_json: the file (null: data.path)
+    image_root: Optional[str] = None  # llava_json / hf: folder that relative image paths resolve in
+    count: Optional[int] = None
+    weight: Optional[float] = None
     num_records: int = 64  # synthetic sources only
+    # hf sources: datasets.load_dataset(builder, data_files=..., split=...), columns mapped to a record
+    builder: str = "json"  # json | parquet | arrow | csv | a local dataset folder
+    data_files: Optional[Any] = None
+    split: str = "train"
+    columns: dict[str, Optional[str]] = field(
+        default_factory=lambda: {"conversations": "conversations", "image": "image", "id": "id"})
 
 
 @dataclass
@@ -150,6 +167,14 @@ class DataConfig:
     seed: int = 0
     cache_dir: Optional[str] = None
     preflight_records: int = 256
+    # The ad-hoc LLaVA JSON source: `data=llava_json data.path=FILE data.image_root=DIR`.
+    path: Optional[str] = None
+    image_root: Optional[str] = None
+    # Bad records: `error` stops at the first one (naming file, record, id and reason); `skip` leaves
+    # them out, counts them by reason in summary.json, and stops when their share passes max_bad_fraction.
+    on_bad_sample: str = "error"
+    max_bad_fraction: float = 0.01
+    verify_images: bool = False  # also check every image file's integrity in the scan (vlmablate.data.check does)
 
 
 @dataclass
@@ -159,7 +184,7 @@ class StageConfig:
     name: str = MISSING  # align | instruct | single
     template: str = "chat"  # plain | chat
     lr: float = 2e-5
-    image_aspect: str = "pad"  # square | pad
+    image_aspect: str = "pad"  # square | pad | anyres (model.image_aspect, when set, wins)
     # random | length (HF's length grouping) | modality_length (LLaVA's group_by_modality_length)
     sampler: str = "modality_length"
     # The recipe's global batch (LLaVA: 256 in stage 1, 128 in stage 2); presets with
@@ -289,7 +314,9 @@ _CHOICES = {
     "quant.mode": ("none", "nf4", "int8"),
     "stage.name": ("align", "instruct", "single"),
     "stage.template": ("plain", "chat"),
-    "stage.image_aspect": ("square", "pad"),
+    "stage.image_aspect": ("square", "pad", "anyres"),
+    "model.image_aspect": (None, "square", "pad", "anyres"),
+    "data.on_bad_sample": ("error", "skip"),
     "stage.sampler": ("random", "length", "modality_length"),
     "logger.name": ("none", "wandb"),
     "eval.mode": ("generate", "likelihood"),
@@ -330,7 +357,7 @@ def validate(cfg: RunConfig, overrides: Sequence[str] = ()) -> None:
     for dotted, choices in _CHOICES.items():
         value = _get(cfg, dotted)
         if value not in choices:
-            raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(map(str, choices))}")
 
     vision_trains = cfg.vision.policy != "frozen"
     if not (vision_trains or cfg.projector.trainable or cfg.freeze.policy != "frozen"):
@@ -378,8 +405,45 @@ def validate(cfg: RunConfig, overrides: Sequence[str] = ()) -> None:
                                                                                               "tiny_random"):
         raise ConfigError(f"eval={cfg.eval.name} on {cfg.model.name} needs eval.vqa_json=FILE and "
                           "eval.vqa_image_root=DIR, or eval=none")
-    if not cfg.data.sources:
-        raise ConfigError(f"data={cfg.data.name} lists no sources")
+    _validate_data(cfg.data)
+
+
+SOURCE_KINDS = ("llava_json", "hf", "tiny_world_caption", "tiny_world_instruct", "synthetic_caption",
+                "synthetic_instruct")
+
+
+def split_subset(name: str) -> Optional[tuple[str, int]]:
+    """`llava_pretrain#3000` -> ("llava_pretrain", 3000); a name without `#N` -> (name, None)."""
+    base, sep, count = name.rpartition("#")
+    if not sep:
+        return name, None
+    if not count.isdigit() or int(count) < 1 or not base:
+        raise ConfigError(f"data source name {name!r}: the subset suffix must be #N with N >= 1 records")
+    return base, int(count)
+
+
+def _validate_data(data: DataConfig) -> None:
+    if not data.sources:
+        raise ConfigError(f"data={data.name} lists no sources")
+    if not 0 <= data.max_bad_fraction <= 1:
+        raise ConfigError(f"data.max_bad_fraction={data.max_bad_fraction} must lie in [0, 1]")
+    for k, source in enumerate(data.sources):
+        where = f"data.sources.{k} ({source.name})"
+        if source.kind not in SOURCE_KINDS:
+            raise ConfigError(f"{where}: kind={source.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+        _, suffix = split_subset(source.name)
+        given = [x for x in (suffix, source.count, source.weight) if x is not None]
+        if len(given) > 1:
+            raise ConfigError(f"{where}: give one of the #N suffix, count and weight, not several")
+        if source.count is not None and source.count < 1:
+            raise ConfigError(f"{where}: count={source.count} must be >= 1")
+        if source.weight is not None and source.weight <= 0:
+            raise ConfigError(f"{where}: weight={source.weight} must be > 0")
+        if source.kind == "llava_json" and not (source.path or data.path):
+            raise ConfigError(f"{where}: a llava_json source needs a file: data.path=FILE (and data.image_root=DIR) "
+                              f"or data.sources.{k}.path")
+        if source.kind == "hf" and not source.data_files and "/" not in source.builder:
+            raise ConfigError(f"{where}: an hf source needs data_files (or builder set to a local dataset folder)")
 
 
 def _validate_projector_lineage(cfg: RunConfig) -> None:
@@ -401,7 +465,9 @@ def _validate_projector_lineage(cfg: RunConfig) -> None:
                 "to train a fresh projector without alignment"
             )
         return
-    from vlmablate.model.projector_io import read_projector_meta  # light: reads JSON only
+    from vlmablate.model.projector_io import (
+        read_projector_meta,  # light: reads JSON only
+    )
 
     meta_path = Path(path)
     if not meta_path.exists():
@@ -417,7 +483,7 @@ def _validate_projector_lineage(cfg: RunConfig) -> None:
         )
 
 
-def cache_root(configured: str | None = None) -> Path:
+def cache_root(configured: Optional[str] = None) -> Path:
     """Where built checkpoints, generated data and stage-1 runs are kept: the configured folder,
     else $VLMABLATE_CACHE, else ~/.cache/vlmablate."""
     import os

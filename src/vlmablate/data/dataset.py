@@ -1,14 +1,15 @@
-"""LLaVA-format data sets: loading the JSON, resolving images safely, lazy encoding, a label preflight.
+"""LLaVA-format data sets: records from a `RecordStore`, images resolved safely, lazy encoding.
 
 A LLaVA JSON file is a list of records `{"id", "image"?, "conversations": [...]}` (JSON Lines is
-accepted too). `LlavaJsonDataset` keeps the records and encodes one on demand: it opens the image,
-applies the aspect policy (`square` or LLaVA-1.5's `pad`) and calls `encode_conversation`. Several
-of them concatenate with `torch.utils.data.ConcatDataset`. Every error names the source file, the
-record index and id, and the reason.
+accepted too). `LlavaJsonDataset` encodes one record on demand: it opens the image (from the image
+root, or bytes stored in an HF source), applies the aspect mode (`square`, LLaVA-1.5's `pad`, or
+`anyres`, which leaves the image whole for LLaVA-NeXT's processor to tile) and calls
+`encode_conversation`. Every error names the source file, the record index and id, and the reason.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -16,14 +17,28 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-from vlmablate.data.templates import TEMPLATES, TemplateError, encode_conversation, fully_masked
+from vlmablate.data.errors import DataError
+from vlmablate.data.records import RecordStore
+from vlmablate.data.scan import check_structure, resolve_image
+from vlmablate.data.templates import (
+    TEMPLATES,
+    TemplateError,
+    encode_conversation,
+    fully_masked,
+)
 
-IMAGE_ASPECTS = ("square", "pad")
+IMAGE_ASPECTS = ("square", "pad", "anyres")
 _UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
-
-class DataError(ValueError):
-    """A data file or record that cannot be used; the message names the file, record and reason."""
+__all__ = [
+    "IMAGE_ASPECTS",
+    "DataError",
+    "LlavaJsonDataset",
+    "expand2square",
+    "llava_turns",
+    "load_llava_json",
+    "preflight",
+]
 
 
 def llava_turns(pairs: list[tuple[str, str]], image: bool = False) -> list[dict]:
@@ -45,7 +60,7 @@ def load_llava_json(path: str | os.PathLike) -> list[dict]:
         raise DataError(f"{path}: cannot read the data file: {err}") from err
     records = _parse_jsonl(path, text) if path.suffix == ".jsonl" else _parse_json(path, text)
     for i, record in enumerate(records):
-        _check_record(record, f"{path}#{i}")
+        check_structure(record, f"{path}#{i}")
     return records
 
 
@@ -71,18 +86,6 @@ def _parse_jsonl(path: Path, text: str) -> list:
     return records
 
 
-def _check_record(record, where: str) -> None:
-    """The cheap structural checks; conversations themselves are validated when encoded."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: record is {type(record).__name__}, expected an object")
-    ref = f"{where} (id={record.get('id', '?')})"
-    if not isinstance(record.get("conversations"), list):
-        raise DataError(f"{ref}: record has no 'conversations' list")
-    image = record.get("image")
-    if image is not None and (not isinstance(image, str) or not image):
-        raise DataError(f"{ref}: 'image' must be one relative path (one image per sample), got {image!r}")
-
-
 def expand2square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     """LLaVA-1.5's pad: centre the image on a square canvas of colour `fill`."""
     width, height = image.size
@@ -95,11 +98,14 @@ def expand2square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
 
 
 class LlavaJsonDataset(Dataset):
-    """LLaVA records encoded lazily: `__getitem__` opens the image and tokenizes on demand."""
+    """LLaVA records encoded lazily: `__getitem__` opens the image and tokenizes on demand.
+
+    `records` is a `RecordStore` (memory-mapped Arrow, what sources build) or a list of dicts.
+    """
 
     def __init__(
         self,
-        records: list[dict],
+        records: RecordStore | list[dict],
         *,
         source_path: str | os.PathLike,
         image_root: str | os.PathLike | None,
@@ -113,10 +119,15 @@ class LlavaJsonDataset(Dataset):
             raise DataError(f"{self.source_path}: unknown template {template!r}; expected one of {TEMPLATES}")
         if image_aspect not in IMAGE_ASPECTS:
             raise DataError(f"{self.source_path}: unknown image_aspect {image_aspect!r}; expected {IMAGE_ASPECTS}")
+        if image_aspect == "anyres" and not getattr(processor.image_processor, "image_grid_pinpoints", None):
+            raise DataError(f"{self.source_path}: image_aspect=anyres needs a LLaVA-NeXT processor (with "
+                            f"image_grid_pinpoints); {type(processor.image_processor).__name__} has none")
         if not isinstance(max_length, int) or max_length < 1:
             raise DataError(f"{self.source_path}: max_length must be a positive int, got {max_length!r}")
-        for i, record in enumerate(records):
-            _check_record(record, f"{self.source_path}#{i}")
+        if isinstance(records, list):
+            for i, record in enumerate(records):
+                check_structure(record, f"{self.source_path}#{i}")
+            records = RecordStore.from_records(records, source=str(self.source_path))
         self.records = records
         self.image_root = Path(image_root).resolve() if image_root is not None else None
         self.processor = processor
@@ -127,9 +138,11 @@ class LlavaJsonDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def record_ref(self, i: int) -> str:
+    def record_ref(self, i: int, record: dict | None = None) -> str:
         """`file#index (id=...)`, the prefix of every message about record i."""
-        return f"{self.source_path}#{i} (id={self.records[i].get('id', '?')})"
+        record = self.records[i] if record is None else record
+        ident = record.get("id", "?") if isinstance(record, dict) else "?"
+        return f"{self.source_path}#{i} (id={ident})"
 
     def image_path(self, i: int) -> Path | None:
         """The resolved path of record i's image (None if text-only), checked to lie inside image_root.
@@ -137,65 +150,60 @@ class LlavaJsonDataset(Dataset):
         The check runs on the resolved path (symlinks followed, `..` collapsed) before anything is
         opened, so a record cannot make the loader read a file outside the data set.
         """
-        relative = self.records[i].get("image")
-        if relative is None:
-            return None
-        if self.image_root is None:
-            raise DataError(f"{self.record_ref(i)}: the record has an image but no image_root was given")
-        resolved = (self.image_root / relative).resolve()
-        if not resolved.is_relative_to(self.image_root):
-            raise DataError(
-                f"{self.record_ref(i)}: image path {relative!r} resolves outside image_root "
-                f"{self.image_root}; refusing to open it"
-            )
-        if not resolved.is_file():
-            raise DataError(f"{self.record_ref(i)}: image file not found: {resolved}")
-        return resolved
+        record = self.records[i]
+        relative = record.get("image")
+        return None if relative is None else resolve_image(relative, self.image_root, self.record_ref(i, record))
 
-    def load_image(self, i: int) -> Image.Image | None:
-        """Record i's image as RGB, with the aspect policy applied (None if text-only)."""
-        path = self.image_path(i)
-        if path is None:
+    def load_image(self, i: int, record: dict | None = None) -> Image.Image | None:
+        """Record i's image as RGB, with the aspect mode applied (None if text-only)."""
+        record = self.records[i] if record is None else record
+        if record.get("image") is None:
             return None
+        ref = self.record_ref(i, record)
+        if record.get("image_data") is not None:
+            source, where = io.BytesIO(record["image_data"]), record["image"]
+        else:
+            source = where = resolve_image(record["image"], self.image_root, ref)
         try:
-            with Image.open(path) as opened:
+            with Image.open(source) as opened:
                 image = opened.convert("RGB")  # convert() loads the pixels, so corrupt data fails here
         except _UNREADABLE_IMAGE as err:
-            raise DataError(f"{self.record_ref(i)}: cannot read image {path}: {err}") from err
-        if self.image_aspect == "pad":
-            mean = self.processor.image_processor.image_mean
-            image = expand2square(image, tuple(int(x * 255) for x in mean))
-        return image
+            raise DataError(f"{ref}: cannot read image {where}: {err}", "unreadable_image") from err
+        return apply_aspect(image, self.image_aspect, self.processor)
 
     def __getitem__(self, i: int) -> dict:
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"{self.source_path}: index {i} out of range for {len(self)} records")
-        image = self.load_image(i)
+        record = self.records[i]
+        ref = self.record_ref(i, record)
+        check_structure(record, ref)
+        image = self.load_image(i, record)
         try:
             encoded = encode_conversation(
-                self.records[i]["conversations"],
+                record["conversations"],
                 template=self.template,
                 processor=self.processor,
                 image=image,
                 max_length=self.max_length,
-                record_ref=self.record_ref(i),
+                record_ref=ref,
             )
         except TemplateError as err:  # its message already names file, record and id
-            raise DataError(str(err)) from err
+            raise DataError(str(err), err.reason) from err
         encoded["index"] = i
         return encoded
 
     def modality_lengths(self, image_tokens: int = 0) -> list[int]:
-        """Per-record length estimates for modality grouping, from word counts only.
+        """Per-record length estimates from word counts (LLaVA's own estimate; sources use the scan's
+        token counts instead).
 
         LLaVA's convention: positive for records with an image, negative for text-only. `image_tokens`
         is added to image records (0 by default, as LLaVA's `modality_lengths` does). Never 0, so the
         sign always tells the modality.
         """
         lengths = []
-        for record in self.records:
+        for record in self.records.iter_records():
             words = sum(len(str(turn.get("value", turn.get("content", ""))).split())
                         for turn in record["conversations"] if isinstance(turn, dict))
             if record.get("image") is not None:
@@ -203,6 +211,16 @@ class LlavaJsonDataset(Dataset):
             else:
                 lengths.append(-max(1, words))
         return lengths
+
+
+def apply_aspect(image: Image.Image, mode: str, processor) -> Image.Image:
+    """`pad`: centre the image on a square of the processor's mean colour (LLaVA-1.5). `square` and
+    `anyres` hand the image over unchanged: CLIP's processor makes it square (short side resized,
+    centre crop, LLaVA's stage-1 default); LLaVA-NeXT's picks a grid pinpoint and tiles it."""
+    if mode == "pad":
+        mean = processor.image_processor.image_mean
+        return expand2square(image, tuple(int(x * 255) for x in mean))
+    return image
 
 
 def preflight(dataset: Dataset, max_records: int = 256) -> dict:

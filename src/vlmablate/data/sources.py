@@ -1,55 +1,187 @@
-"""Turn a `data` config into one dataset: resolve each source to a LLaVA JSON file, then concatenate."""
+"""Turn a `data` config into one training set: open each source lazily, scan it, take its share, mix.
+
+Each source becomes a `LlavaJsonDataset` over a memory-mapped `RecordStore`, is scanned once (bad
+records and length estimates, cached), and contributes the records its `count`, `#N` suffix or
+`weight` asks for, drawn deterministically from `data.seed`. `MixedDataset` concatenates the shares,
+carries their modality lengths for the sampler, and applies `data.on_bad_sample` to what only
+encoding can find (a corrupt image, the exact length after image-token expansion).
+"""
 
 from __future__ import annotations
 
 import logging
+from bisect import bisect_right
 from pathlib import Path
 
-from torch.utils.data import ConcatDataset
+import numpy as np
+from torch.utils.data import Dataset
 
-from vlmablate.config import DataConfig, SourceConfig, WorldConfig
-from vlmablate.data.dataset import DataError, LlavaJsonDataset, load_llava_json
+from vlmablate.config import DataConfig, SourceConfig, WorldConfig, split_subset
+from vlmablate.data.dataset import LlavaJsonDataset
+from vlmablate.data.errors import REASONS, DataError
+from vlmablate.data.records import RecordStore, open_hf, open_llava_json
+from vlmablate.data.scan import CODES, ScanResult, scan_source
 from vlmablate.data.synthetic import write_synthetic_llava
 from vlmablate.world.build import ensure_world_data
 
 log = logging.getLogger(__name__)
 
+MAX_SUBSTITUTES = 16  # with on_bad_sample=skip, how far a sample that fails to encode looks for a good one
 
-def resolve_source(source: SourceConfig, *, cache_dir: Path, seed: int, image_size: int,
-                   world: WorldConfig | None = None, progress: bool = True) -> tuple[Path, Path]:
-    """The (json file, image root) of a source; generated sources are written into the cache once."""
+
+def resolve_source(source: SourceConfig, data: DataConfig, *, cache_dir: Path, image_size: int,
+                   world: WorldConfig | None = None, progress: bool = True) -> tuple[RecordStore, Path | None]:
+    """The records and image root of one source; generated sources are written into the cache once."""
+    name = source.name
+    if source.kind == "hf":
+        root = source.image_root
+        store = open_hf(builder=source.builder, data_files=source.data_files, split=source.split,
+                        columns=source.columns, cache_dir=cache_dir, name=name)
+        return store, Path(root) if root else None
     if source.kind == "llava_json":
-        if not source.path or not source.image_root:
-            raise DataError(f"data source {source.name!r} needs `path` and `image_root`")
-        path = Path(source.path)
-        if not path.exists():
-            raise DataError(f"data source {source.name!r}: {path} does not exist")
-        return path, Path(source.image_root)
+        path = source.path or data.path
+        root = source.image_root if source.path else (source.image_root or data.image_root)
+        if not path:
+            raise DataError(f"data source {name!r} needs a file: data.path=FILE (or sources.N.path)")
+        return open_llava_json(path, cache_dir), Path(root) if root else None
     if source.kind in ("tiny_world_caption", "tiny_world_instruct"):
         if world is None:
-            raise DataError(f"data source {source.name!r} is a tiny-world source but no world config was given")
+            raise DataError(f"data source {name!r} is a tiny-world source but no world config was given")
         files = ensure_world_data(world, progress=progress)
         key = "caption_json" if source.kind == "tiny_world_caption" else "instruct_json"
-        return Path(files[key]), Path(files["image_root"])
+        return open_llava_json(files[key], cache_dir), Path(files["image_root"])
     if source.kind in ("synthetic_caption", "synthetic_instruct"):
-        folder = cache_dir / f"synthetic-s{seed}-n{source.num_records}-px{image_size}"
+        folder = cache_dir / f"synthetic-s{data.seed}-n{source.num_records}-px{image_size}"
         files = write_synthetic_llava(folder, n_caption=source.num_records, n_instruct=source.num_records,
-                                      seed=seed, image_size=image_size)
+                                      seed=data.seed, image_size=image_size)
         key = "pretrain_json" if source.kind == "synthetic_caption" else "instruct_json"
-        return Path(files[key]), Path(files["image_root"])
-    raise DataError(f"data source {source.name!r}: unknown kind {source.kind!r} (llava_json, tiny_world_caption, "
-                    "tiny_world_instruct, synthetic_caption, synthetic_instruct)")
+        return open_llava_json(files[key], cache_dir), Path(files["image_root"])
+    raise DataError(f"data source {name!r}: unknown kind {source.kind!r}")
+
+
+def share(good: np.ndarray, source: SourceConfig, seed: int, position: int) -> np.ndarray:
+    """The record indices a source contributes: all; `count`/#N drawn from the seed; or round(weight x size)."""
+    _, suffix = split_subset(source.name)
+    count = suffix if suffix is not None else source.count
+    if count is None and source.weight is not None:
+        count = max(1, round(source.weight * len(good)))
+    if count is None:
+        return good
+    if len(good) == 0:
+        raise DataError(f"data source {source.name!r}: no usable records to draw {count} from")
+    rng = np.random.default_rng([seed, position])
+    repeats, rest = divmod(count, len(good))
+    picked = np.concatenate([np.tile(good, repeats), rng.choice(good, size=rest, replace=False)])
+    return np.sort(picked)
+
+
+class MixedDataset(Dataset):
+    """The mix: sample k is record `indices[p][k - offset[p]]` of part p."""
+
+    def __init__(self, parts: list[LlavaJsonDataset], indices: list[np.ndarray], scans: list[ScanResult], *,
+                 names: list[str], on_bad_sample: str = "error"):
+        self.parts, self.indices, self.scans, self.names = parts, indices, scans, names
+        self.on_bad_sample = on_bad_sample
+        self.offsets = np.cumsum([0] + [len(ix) for ix in indices]).tolist()
+        self.lengths = np.concatenate([scan.lengths[ix] for scan, ix in zip(scans, indices)]).tolist() \
+            if indices else []
+
+    @property
+    def datasets(self) -> list[LlavaJsonDataset]:
+        return self.parts
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def locate(self, k: int) -> tuple[int, int]:
+        """(part, record index in that part's source) of sample k."""
+        p = bisect_right(self.offsets, k) - 1
+        return p, int(self.indices[p][k - self.offsets[p]])
+
+    def __getitem__(self, k: int) -> dict:
+        p, record = self.locate(k)
+        try:
+            return self.parts[p][record]
+        except DataError as err:
+            if self.on_bad_sample == "error":
+                raise
+            failed = [err.reason]
+        # skip: serve the next sample of the same part that encodes, and say what was skipped
+        share = self.indices[p]
+        start = k - self.offsets[p]
+        for step in range(1, min(MAX_SUBSTITUTES, len(share))):
+            try:
+                sample = self.parts[p][int(share[(start + step) % len(share)])]
+            except DataError as err:
+                failed.append(err.reason)
+                continue
+            sample["bad_samples"] = failed
+            return sample
+        raise DataError(f"{self.parts[p].source_path}: {len(failed)} samples in a row failed to encode "
+                        f"({', '.join(sorted(set(failed)))}) starting at record {record}; the source looks broken")
+
+    def report(self) -> dict:
+        """Per source: records, bad records by reason, records taken into the mix."""
+        sources = {}
+        for name, part, scan, ix in zip(self.names, self.parts, self.scans, self.indices):
+            sources[name] = {"file": str(part.source_path), "records": len(part), "bad": scan.bad_counts(),
+                             "usable": int((scan.reasons == 0).sum()), "in_mix": len(ix)}
+        records = sum(len(p) for p in self.parts)
+        bad = sum(sum(s["bad"].values()) for s in sources.values())
+        return {"sources": sources, "records": records, "in_mix": len(self), "bad": bad,
+                "bad_fraction": round(bad / records, 6) if records else 0.0}
 
 
 def build_dataset(data: DataConfig, *, processor, template: str, max_length: int, image_aspect: str,
-                  cache_dir: Path, image_size: int, world: WorldConfig | None = None,
-                  progress: bool = True) -> ConcatDataset:
-    parts = []
-    for source in data.sources:
-        path, image_root = resolve_source(source, cache_dir=cache_dir, seed=data.seed, image_size=image_size,
-                                          world=world, progress=progress)
-        records = load_llava_json(path)
-        parts.append(LlavaJsonDataset(records, source_path=path, image_root=image_root, processor=processor,
-                                      template=template, max_length=max_length, image_aspect=image_aspect))
-        log.info("data source %s: %d records from %s", source.name, len(records), path)
-    return ConcatDataset(parts)
+                  cache_dir: Path, image_size: int, image_tokens: int = 0, world: WorldConfig | None = None,
+                  progress: bool = True) -> MixedDataset:
+    parts, indices, scans, names = [], [], [], []
+    for position, source in enumerate(data.sources):
+        store, image_root = resolve_source(source, data, cache_dir=cache_dir, image_size=image_size, world=world,
+                                           progress=progress)
+        part = LlavaJsonDataset(store, source_path=store.source, image_root=image_root, processor=processor,
+                                template=template, max_length=max_length, image_aspect=image_aspect)
+        scan = scan_source(store, image_root=image_root, tokenizer=processor.tokenizer, template=template,
+                           max_length=max_length, image_tokens=image_tokens, cache_dir=cache_dir,
+                           verify_images=data.verify_images, progress=progress)
+        _apply_policy(data, source, part, scan)
+        parts.append(part)
+        scans.append(scan)
+        names.append(source.name)
+        indices.append(share(scan.good, source, data.seed, position))
+        log.info("data source %s: %d records from %s, %d bad %s, %d in the mix", source.name, len(store),
+                 store.source, len(store) - len(scan.good), scan.bad_counts(), len(indices[-1]))
+    mixed = MixedDataset(parts, indices, scans, names=names, on_bad_sample=data.on_bad_sample)
+    check_bad_fraction(mixed.report()["bad"], mixed.report()["records"], data.max_bad_fraction)
+    if len(mixed) == 0:
+        raise DataError(f"data={data.name}: no usable records in any source")
+    return mixed
+
+
+def _apply_policy(data: DataConfig, source: SourceConfig, part: LlavaJsonDataset, scan: ScanResult) -> None:
+    first = scan.first_bad()
+    if data.on_bad_sample == "error" and first is not None:
+        reason = CODES[scan.reasons[first]]
+        detail = _reproduce(part, first) or REASONS[reason]
+        raise DataError(f"{part.record_ref(first)}: bad record ({reason}){': ' + detail if detail else ''}. "
+                        f"{len(part) - len(scan.good)} bad records in this source ({scan.bad_counts()}); set "
+                        "data.on_bad_sample=skip to leave them out, or run `python -m vlmablate.data.check` "
+                        "for the full list", reason)
+
+
+def _reproduce(part: LlavaJsonDataset, i: int) -> str:
+    """The message the record's own check gives (the scan keeps only the reason code)."""
+    from vlmablate.data.scan import check_record
+    from vlmablate.data.templates import TemplateError
+
+    try:
+        check_record(part.records[i], part.image_root, part.record_ref(i), verify_image=True)
+    except (DataError, TemplateError) as err:
+        return str(err).removeprefix(part.record_ref(i) + ": ")
+    return ""
+
+
+def check_bad_fraction(bad: int, total: int, limit: float) -> None:
+    if total and bad / total > limit:
+        raise DataError(f"{bad} of {total} records are bad ({bad / total:.2%}), more than "
+                        f"data.max_bad_fraction={limit:.2%}: fix the data, or raise the limit knowingly")

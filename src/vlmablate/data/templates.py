@@ -48,7 +48,13 @@ VICUNA_V1_CHAT_TEMPLATE = (
 
 
 class TemplateError(ValueError):
-    """A conversation that cannot become a training sample, or a template that does not fit its tokenizer."""
+    """A conversation that cannot become a training sample, or a template that does not fit its tokenizer.
+
+    `reason` is a short code from `data.errors.REASONS` (what `data.on_bad_sample=skip` counts by)."""
+
+    def __init__(self, message: str, reason: str = "invalid_conversation"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def fully_masked(labels) -> bool:
@@ -112,20 +118,21 @@ def encode_conversation(
 def _to_messages(conversations, ref: str) -> list[dict]:
     """LLaVA turns -> chat messages (roles system/user/assistant, string content), validated."""
     if not isinstance(conversations, list) or not conversations:
-        raise TemplateError(f"{ref}: empty conversation (expected a non-empty list of turns)")
+        raise TemplateError(f"{ref}: empty conversation (expected a non-empty list of turns)", "empty_turns")
     messages = []
     for k, turn in enumerate(conversations):
         if not isinstance(turn, dict):
-            raise TemplateError(f"{ref}: turn {k} is {type(turn).__name__}, expected an object")
+            raise TemplateError(f"{ref}: turn {k} is {type(turn).__name__}, expected an object", "malformed_record")
         raw_role = turn.get("from", turn.get("role"))
         role = _ROLES.get(str(raw_role).lower()) if raw_role is not None else None
         if role is None:
             raise TemplateError(
-                f"{ref}: turn {k} has unknown role {raw_role!r}; expected human/user, gpt/assistant or system"
+                f"{ref}: turn {k} has unknown role {raw_role!r}; expected human/user, gpt/assistant or system",
+                "unknown_role"
             )
         value = turn.get("value", turn.get("content"))
         if not isinstance(value, str) or not value.strip():
-            raise TemplateError(f"{ref}: turn {k} ({raw_role}) has an empty value")
+            raise TemplateError(f"{ref}: turn {k} ({raw_role}) has an empty value", "empty_turns")
         messages.append({"role": role, "content": value})
     _check_roles(messages, ref)
     return messages
@@ -139,23 +146,27 @@ def _check_roles(messages: list[dict], ref: str) -> None:
         if message["role"] != expected:
             raise TemplateError(
                 f"{ref}: roles do not alternate: turn {k + offset} is {message['role']} where {expected} "
-                "was expected (human/gpt must alternate, starting with human; system only as the first turn)"
+                "was expected (human/gpt must alternate, starting with human; system only as the first turn)", "non_alternating"
             )
     if not any(m["role"] == "assistant" for m in messages):
-        raise TemplateError(f"{ref}: no assistant (gpt) turn, so there is nothing to learn")
+        raise TemplateError(f"{ref}: no assistant (gpt) turn, so there is nothing to learn", "non_alternating")
 
 
 def _check_image_marker(messages: list[dict], image, ref: str) -> None:
     """Exactly one <image> in a human turn when there is an image, none otherwise."""
     if any(IMAGE_MARKER in m["content"] for m in messages if m["role"] != "user"):
-        raise TemplateError(f"{ref}: {IMAGE_MARKER} may only appear in a human turn")
+        raise TemplateError(f"{ref}: {IMAGE_MARKER} may only appear in a human turn", "misplaced_image_marker")
     count = sum(m["content"].count(IMAGE_MARKER) for m in messages)
     if count > 1:
-        raise TemplateError(f"{ref}: {count} {IMAGE_MARKER} markers; this model takes one image per sample")
+        raise TemplateError(
+            f"{ref}: {count} {IMAGE_MARKER} markers; this model takes one image per sample",
+            "too_many_image_markers")
     if count == 1 and image is None:
-        raise TemplateError(f"{ref}: {IMAGE_MARKER} in the text but the record has no image")
+        raise TemplateError(f"{ref}: {IMAGE_MARKER} in the text but the record has no image", "marker_without_image")
     if count == 0 and image is not None:
-        raise TemplateError(f"{ref}: an image was given but the text has no {IMAGE_MARKER} marker")
+        raise TemplateError(
+            f"{ref}: an image was given but the text has no {IMAGE_MARKER} marker",
+            "image_without_marker")
 
 
 # --- rendering: text plus the character spans that carry a loss ----------------------------------
@@ -164,7 +175,7 @@ def _check_image_marker(messages: list[dict], image, ref: str) -> None:
 def _render_plain(messages, tokenizer, image, image_token: str, ref: str) -> tuple[str, list]:
     """LLaVA stage 1: `<image>` + caption + eos; the human text is dropped, as LLaVA's plain does."""
     if image is None:
-        raise TemplateError(f"{ref}: the plain template needs an image (text-only record)")
+        raise TemplateError(f"{ref}: the plain template needs an image (text-only record)", "marker_without_image")
     if not tokenizer.eos_token:
         raise TemplateError(f"{ref}: the plain template needs an eos token and the tokenizer has none")
     caption = next(m["content"] for m in messages if m["role"] == "assistant")
@@ -311,6 +322,6 @@ def _truncate(input_ids, labels, image_token_id: int, max_length: int, ref: str)
     if len(image_positions) and int(image_positions[-1]) >= max_length:
         raise TemplateError(
             f"{ref}: image tokens would be cut: they end at position {int(image_positions[-1]) + 1} "
-            f"but max_length is {max_length}; raise max_length or drop the record"
+            f"but max_length is {max_length}; raise max_length or drop the record", "too_long"
         )
     return input_ids[:max_length], labels[:max_length]

@@ -7,24 +7,41 @@ import logging
 import os
 import resource
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import ConcatDataset
 from transformers import TrainingArguments, set_seed
 
-from dataclasses import replace
-
-from vlmablate.config import AUTO, ModelConfig, RunConfig, cache_root, to_run_config, validate
+from vlmablate.config import (
+    AUTO,
+    ModelConfig,
+    RunConfig,
+    cache_root,
+    to_run_config,
+    validate,
+)
 from vlmablate.data.collator import LlavaCollator
 from vlmablate.data.dataset import preflight
-from vlmablate.data.sources import build_dataset
-from vlmablate.model.load import load_model, model_dims
-from vlmablate.model.plan import FreezePlan, apply_plan, format_table, parameter_table, resolve_plan, unwrap
-from vlmablate.model.projector_io import check_projector_shapes, load_projector
+from vlmablate.data.sources import MixedDataset, build_dataset
 from vlmablate.eval.suite import run_eval
-from vlmablate.report.wandb_log import finish_wandb, flat_config, log_predictions, start_wandb
+from vlmablate.model.load import load_model, model_dims
+from vlmablate.model.plan import (
+    FreezePlan,
+    apply_plan,
+    format_table,
+    parameter_table,
+    resolve_plan,
+    unwrap,
+)
+from vlmablate.model.projector_io import check_projector_shapes, load_projector
+from vlmablate.report.wandb_log import (
+    finish_wandb,
+    flat_config,
+    log_predictions,
+    start_wandb,
+)
 from vlmablate.train.artifacts import export_merged, save_artifacts
 from vlmablate.train.audit import GradientAudit
 from vlmablate.train.stages import ensure_stage1
@@ -136,18 +153,23 @@ def _image_size(processor) -> int:
     return int(crop.get("height") or size.get("shortest_edge") or size.get("height") or 336)
 
 
-def modality_lengths(dataset: ConcatDataset, model) -> list[int]:
-    """LLaVA's per-record length estimates over every source (image tokens counted for image records)."""
-    image_tokens = int(getattr(unwrap(model).config, "image_seq_length", 0) or 0)
-    return [n for part in dataset.datasets for n in part.modality_lengths(image_tokens)]
+def image_tokens_of(model) -> int:
+    """Image tokens per image for the length estimates (LLaVA-NeXT's base grid; its tiles come on top)."""
+    return int(getattr(unwrap(model).config, "image_seq_length", 0) or 0)
 
 
-def _data_report(dataset: ConcatDataset, cfg: RunConfig) -> dict:
+def image_aspect_of(cfg: RunConfig) -> str:
+    """The model's own image mode wins over the stage's (LLaVA-NeXT checkpoints: anyres)."""
+    return cfg.model.image_aspect or cfg.stage.image_aspect
+
+
+def _data_report(dataset: MixedDataset, cfg: RunConfig) -> dict:
     report = preflight(dataset, max_records=cfg.data.preflight_records)
     if report["fully_masked"]:
         log.warning("%d of %d checked samples have every label masked (they teach nothing), e.g. %s",
                     report["fully_masked"], report["checked"], report["examples"][:3])
-    return {"records": len(dataset), "preflight": report}
+    return {**dataset.report(), "records_in_mix": len(dataset), "image_aspect": image_aspect_of(cfg),
+            "sampler": cfg.stage.sampler, "on_bad_sample": cfg.data.on_bad_sample, "preflight": report}
 
 
 def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, overrides: list[str] = ()) -> dict:
@@ -180,9 +202,9 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
         summary.update(params=table, plan=plan.to_dict(), lineage=lineage)
 
         dataset = build_dataset(cfg.data, processor=processor, template=cfg.stage.template,
-                                max_length=cfg.model.max_length, image_aspect=cfg.stage.image_aspect,
+                                max_length=cfg.model.max_length, image_aspect=image_aspect_of(cfg),
                                 cache_dir=cache_root(cfg.data.cache_dir), image_size=_image_size(processor),
-                                world=cfg.world, progress=cfg.train.progress)
+                                image_tokens=image_tokens_of(model), world=cfg.world, progress=cfg.train.progress)
         summary["data"] = _data_report(dataset, cfg)
 
         wandb_run = start_wandb(cfg.logger, flat_config(composed or {}), run_dir=run_dir, job_type=cfg.stage.name,
@@ -198,7 +220,8 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
             plan=plan,
             plan_record=plan_record,
             sampler=cfg.stage.sampler,
-            lengths=None if cfg.stage.sampler == "random" else modality_lengths(dataset, model),
+            lengths=dataset.lengths,
+            bad_budget=(summary["data"]["records"], summary["data"]["bad"], cfg.data.max_bad_fraction),
         )
         audit = GradientAudit(step_had_images=lambda: trainer.timer.images_in_step > 0)
         trainer.add_callback(audit)
@@ -208,6 +231,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
 
         summary["train"] = _train_summary(trainer, output.metrics, wall)
         summary["train"]["gradient_audit"] = audit.report
+        summary["data"]["bad_at_encode"] = dict(sorted(trainer.bad_at_encode.items()))
         artifacts = save_artifacts(trainer.model, plan, run_dir / "final", processor=processor, plan_record=plan_record)
         if cfg.train.export_merged and plan.uses_lora:
             artifacts["merged"] = export_merged(lineage["checkpoint"], run_dir / "final" / "merged",

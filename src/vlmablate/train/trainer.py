@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from vlmablate.data.dataset import DataError
-from vlmablate.data.sampler import ModalityLengthGroupedSampler
+from vlmablate.data.errors import DataError
+from vlmablate.data.sampler import RankBatchSampler
 from vlmablate.data.templates import IGNORE_INDEX
 from vlmablate.model.plan import FreezePlan
 from vlmablate.train.artifacts import save_artifacts
@@ -53,10 +53,13 @@ class TrainTimer(TrainerCallback):
 
 class VlmTrainer(Trainer):
     def __init__(self, *args, plan: FreezePlan, plan_record: dict, sampler: str = "random",
-                 lengths: list[int] | None = None, **kwargs):
+                 lengths: list[int] | None = None, bad_budget: tuple[int, int, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.sampler_kind = sampler
         self.lengths = lengths  # LLaVA's modality lengths: > 0 with an image, < 0 text-only
+        # (records, bad records found by the scan, data.max_bad_fraction): encoding failures add to it
+        self.bad_budget = bad_budget
+        self.bad_at_encode: Counter = Counter()
         self.timer = TrainTimer()
         self.add_callback(self.timer)
         self.plan = plan
@@ -68,17 +71,15 @@ class VlmTrainer(Trainer):
 
     # --- sampling ----------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
-        if self.sampler_kind == "random":
-            return super()._get_train_sampler(train_dataset)
-        if self.lengths is None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = self.lengths if self.lengths is not None else [1] * len(dataset)
+        if self.sampler_kind != "random" and self.lengths is None:
             raise ValueError(f"stage.sampler={self.sampler_kind} needs per-record lengths")
-        # As LLaVA: one megabatch covers every rank's micro-batches of one optimizer step.
-        world = self.args.world_size * self.args.gradient_accumulation_steps
-        if self.sampler_kind == "modality_length":
-            return ModalityLengthGroupedSampler(self.lengths, batch_size=self.args.per_device_train_batch_size,
-                                                world_size=world, seed=self.args.seed)
-        return LengthGroupedSampler(self.args.per_device_train_batch_size * world,
-                                    lengths=[abs(n) for n in self.lengths])
+        # One rank-aware batch sampler for every kind: each record exactly once per epoch across ranks.
+        # As LLaVA, one grouping megabatch covers every rank's micro-batches of one optimizer step.
+        return RankBatchSampler(lengths, kind=self.sampler_kind, batch_size=self.args.per_device_train_batch_size,
+                                num_replicas=self.args.world_size, rank=self.args.process_index,
+                                grad_accum=self.args.gradient_accumulation_steps, seed=self.args.seed)
 
     # --- optimizer -------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -104,6 +105,9 @@ class VlmTrainer(Trainer):
 
     # --- loss and counting -----------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        bad = inputs.pop("bad_samples", None)
+        if bad:
+            self._count_bad(bad)
         if model.training:
             labels = inputs["labels"]
             self.real_tokens += int(inputs["attention_mask"].sum())
@@ -114,6 +118,16 @@ class VlmTrainer(Trainer):
             self._check_masking()
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def _count_bad(self, reasons: list[str]) -> None:
+        """Records skipped while encoding (data.on_bad_sample=skip): counted, and held to max_bad_fraction."""
+        self.bad_at_encode.update(reasons)
+        if self.bad_budget is not None:
+            records, scanned_bad, limit = self.bad_budget
+            bad = scanned_bad + sum(self.bad_at_encode.values())
+            if records and bad / records > limit:
+                raise DataError(f"{bad} of {records} records are bad ({bad / records:.2%}; found while encoding: "
+                                f"{dict(self.bad_at_encode)}), more than data.max_bad_fraction={limit:.2%}")
 
     def _check_masking(self, min_samples: int = 16) -> None:
         """Stop a run that mostly trains on samples without one labelled token (a silent loss of 0)."""
