@@ -395,3 +395,22 @@ def test_mixed_dataset_is_a_torch_dataset(tmp_path, root, processor):
                                          num_workers=1)
     batch = next(iter(loader))
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_preflight_checks_each_source_of_a_mix_under_its_policy(tmp_path, root, processor):
+    from vlmablate.data.dataset import preflight
+
+    images = write(tmp_path / "images.json", [good(i) for i in range(4)] + [BROKEN["unreadable_image"]])
+    texts = write(tmp_path / "texts.json", [good(i, image=False) for i in range(3)])
+    data = DataConfig(name="mix", on_bad_sample="skip", max_bad_fraction=0.5, sources=[
+        SourceConfig(name="img", kind="llava_json", path=str(images), image_root=str(root / "images")),
+        SourceConfig(name="txt", kind="llava_json", path=str(texts))])
+    mixed = build(data, processor, tmp_path)
+    assert [len(v) for v in mixed.source_views] == [5, 3]
+    assert mixed.source_views[1].record_ref(0).endswith("texts.json#0 (id=t0)")
+    # the corrupt image is only found by decoding: skipped, not fatal, under skip
+    assert preflight(mixed, max_records=8) == {"checked": 8, "fully_masked": 0, "examples": []}
+    texts_only = DataConfig(name="txt", sources=data.sources[1:])
+    cut = build(texts_only, processor, tmp_path, max_length=12)  # every answer cut off: nothing to learn
+    with pytest.raises(DataError, match=r"texts\.json: 3 of the first 3 records: every label is masked"):
+        preflight(cut, max_records=8)

@@ -227,11 +227,12 @@ def preflight(dataset: Dataset, max_records: int = 256) -> dict:
     """Encode the first records and count those with every label masked; raise if that is most of them.
 
     Catches a template that does not match the tokenizer (loss 0, nothing learned, LLaVA #1166)
-    before training starts. A ConcatDataset is checked source by source, so one bad source among
-    good ones is not averaged away.
+    before training starts. A ConcatDataset or a mix is checked source by source, so one bad source
+    among good ones is not averaged away.
     """
-    if isinstance(dataset, ConcatDataset):
-        parts = [preflight(part, max_records) for part in dataset.datasets]
+    if isinstance(dataset, ConcatDataset) or hasattr(dataset, "source_views"):
+        sources = dataset.source_views if hasattr(dataset, "source_views") else dataset.datasets
+        parts = [preflight(part, max_records) for part in sources]
         return {
             "checked": sum(p["checked"] for p in parts),
             "fully_masked": sum(p["fully_masked"] for p in parts),

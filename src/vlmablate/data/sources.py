@@ -87,8 +87,9 @@ class MixedDataset(Dataset):
             if indices else []
 
     @property
-    def datasets(self) -> list[LlavaJsonDataset]:
-        return self.parts
+    def source_views(self) -> list["SourceView"]:
+        """Each source's share of the mix as a dataset of its own (what the preflight checks)."""
+        return [SourceView(self, p) for p in range(len(self.parts))]
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -107,11 +108,11 @@ class MixedDataset(Dataset):
                 raise
             failed = [err.reason]
         # skip: serve the next sample of the same part that encodes, and say what was skipped
-        share = self.indices[p]
+        picks = self.indices[p]
         start = k - self.offsets[p]
-        for step in range(1, min(MAX_SUBSTITUTES, len(share))):
+        for step in range(1, min(MAX_SUBSTITUTES, len(picks))):
             try:
-                sample = self.parts[p][int(share[(start + step) % len(share)])]
+                sample = self.parts[p][int(picks[(start + step) % len(picks)])]
             except DataError as err:
                 failed.append(err.reason)
                 continue
@@ -130,6 +131,23 @@ class MixedDataset(Dataset):
         bad = sum(sum(s["bad"].values()) for s in sources.values())
         return {"sources": sources, "records": records, "in_mix": len(self), "bad": bad,
                 "bad_fraction": round(bad / records, 6) if records else 0.0}
+
+
+class SourceView(Dataset):
+    """Source p's samples of a mix, in mix order, under the mix's bad-sample policy."""
+
+    def __init__(self, mix: MixedDataset, p: int):
+        self.mix, self.p = mix, p
+        self.source_path = mix.parts[p].source_path
+
+    def __len__(self) -> int:
+        return len(self.mix.indices[self.p])
+
+    def __getitem__(self, j: int) -> dict:
+        return self.mix[self.mix.offsets[self.p] + j]
+
+    def record_ref(self, j: int) -> str:
+        return self.mix.parts[self.p].record_ref(int(self.mix.indices[self.p][j]))
 
 
 def build_dataset(data: DataConfig, *, processor, template: str, max_length: int, image_aspect: str,
