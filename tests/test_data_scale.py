@@ -355,16 +355,22 @@ def test_model_image_aspect_wins_over_the_stage():
 
 @pytest.mark.slow
 def test_a_run_with_skipped_records_reports_them(tmp_path, root, run_cell):
-    records = [good(i, image=i % 3 != 0) for i in range(30)] + [BROKEN["missing_image"], BROKEN["unknown_role"]]
+    # two records the scan rejects, and one whose pixels only fail when decoded in training
+    records = [good(i, image=i % 3 != 0) for i in range(30)]
+    records += [BROKEN["missing_image"], BROKEN["unknown_role"], BROKEN["unreadable_image"]]
     path = write(tmp_path / "d.json", records)
-    summary = run_cell("model=tiny_random", "data=llava_json", f"data.path={path}",
-                       f"data.image_root={root / 'images'}", "data.on_bad_sample=skip", "data.max_bad_fraction=0.1",
-                       "train.max_steps=3", "eval=none", "freeze=lora_llm")
+    summary = run_cell("data=llava_json", f"data.path={path}", f"data.image_root={root / 'images'}",
+                       "data.on_bad_sample=skip", "data.max_bad_fraction=0.1", "train.max_steps=-1",
+                       "train.num_train_epochs=1", "train.save_steps=100", "eval=none", "freeze=lora_llm")
     assert summary["status"] == "completed"
     data = summary["data"]
     assert data["bad"] == 2 and data["sources"]["llava_json"]["bad"] == {"unknown_role": 1, "missing_image": 1}
-    assert data["records_in_mix"] == 30 and data["bad_at_encode"] == {}
-    assert 0 < summary["train"]["padding_efficiency"] <= 1
+    assert data["records_in_mix"] == 31 and data["bad_at_encode"] == {"unreadable_image": 1}
+    assert summary["train"]["samples_seen"] == 31 and 0 < summary["train"]["padding_efficiency"] <= 1
+    with pytest.raises(DataError, match=r"d\.json#30 \(id=b9\): bad record \(missing_image\)"):
+        run_cell("data=llava_json", f"data.path={path}", f"data.image_root={root / 'images'}", "eval=none",
+                 name="strict")
+    assert json.loads((tmp_path / "strict" / "summary.json").read_text())["status"] == "failed"
 
 
 @pytest.mark.slow
