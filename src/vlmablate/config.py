@@ -261,6 +261,15 @@ class LoggerConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`python -m vlmablate.plan`: the GPU to fit, and the sequence length of the memory estimate."""
+
+    gpu_gb: float = 24.0  # an RTX 4090
+    seq_len: Optional[int] = None  # null: model.max_length (the worst case)
+    grid: bool = True  # also plan the seed's four freeze cells
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     vision: VisionConfig = MISSING
@@ -274,6 +283,7 @@ class RunConfig:
     logger: LoggerConfig = MISSING
     world: WorldConfig = MISSING
     run_dir: Optional[str] = None  # `python -m vlmablate.eval run_dir=PATH`: the finished run to evaluate
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 GROUP_SCHEMAS = {

@@ -1,0 +1,304 @@
+"""`python -m vlmablate.plan model=... quant=... train=... [freeze=... vision=...] [plan.gpu_gb=24]`
+
+What a cell will train and whether it fits a GPU, before any weights are downloaded: the model is
+built on the meta device from its config alone (shipped copies for the preset models, see
+`model/hub_configs/`), the freeze plan is applied with the very code the runner uses, and the
+per-component table is counted the same way. Then peak GPU memory is estimated term by term:
+
+- weights: quantized LLM linear layers at 4 or 8 bits (plus their quantization constants); the other
+  weights in the compute dtype, or in fp32 when quantized (PEFT's k-bit preparation upcasts them);
+- LoRA weights, gradients and optimizer states of what trains (8-bit optimizers: 2 bytes a parameter,
+  torch AdamW: two states in the parameter's dtype);
+- activations of the LLM: 34·hidden bytes per token and layer without gradient checkpointing (Korthikanti
+  et al. 2022, with the attention matrix never stored, as SDPA does); with it, each layer's input
+  plus one layer recomputed; the logits in the compute dtype and in fp32 for the loss;
+- activations of a vision tower that trains, per image token the same way (LLaVA-NeXT: up to 5 tiles);
+- a fixed 1 GiB for the CUDA context and allocator slack.
+
+The sequence length is `plan.seq_len` (null: `model.max_length`, the worst case) at the preset's
+per-device batch. Besides the chosen cell, the four cells of the seed's freeze grid are listed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from vlmablate.config import ConfigError, ModelConfig, RunConfig, register_configs, to_run_config, validate
+from vlmablate.model.plan import COMPONENTS, apply_plan, parameter_table, resolve_plan, unwrap
+
+register_configs()
+log = logging.getLogger(__name__)
+
+HUB_CONFIGS = Path(__file__).parent / "model" / "hub_configs"
+GIB = 2**30
+# The seed's table: (name, vision option, freeze option)
+SEED_GRID = (("frozen vision + frozen LLM", "frozen", "frozen_llm"),
+             ("frozen vision + LoRA LLM", "frozen", "lora_llm"),
+             ("unfrozen vision + LoRA LLM", "unfrozen", "lora_llm"),
+             ("full fine-tune", "unfrozen", "full_llm"))
+QUANT_BYTES = {"nf4": 0.5, "int8": 1.0}
+ACTIVATION_FACTOR = 34  # bytes per token, layer and hidden unit in 16-bit (no stored attention matrix)
+RUNTIME_GIB = 1.0
+EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "adamw_bnb_8bit", "paged_lion_8bit", "lion_8bit")
+
+
+# --- configs without weights ---------------------------------------------------------------------------
+
+
+def _shipped(checkpoint: str) -> Path | None:
+    folder = HUB_CONFIGS / checkpoint.replace("/", "--")
+    return folder if folder.is_dir() else None
+
+
+def load_config_dict(checkpoint: str) -> dict:
+    """config.json of a local folder, else the shipped copy, else the hub (needs a network or HF cache)."""
+    local = Path(checkpoint).expanduser()
+    if (local / "config.json").exists():
+        return json.loads((local / "config.json").read_text())
+    shipped = _shipped(checkpoint)
+    if shipped is not None:
+        return json.loads((shipped / "config.json").read_text())
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(checkpoint).to_dict()
+    except OSError as err:
+        raise ConfigError(f"{checkpoint}: no local folder, no shipped config and the hub is unreachable "
+                          f"({err}); pass a local folder") from err
+
+
+def _config_from_dict(data: dict):
+    from transformers import AutoConfig
+
+    data = dict(data)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def _tokenizer_size(checkpoint: str) -> tuple[int, bool]:
+    """(tokenizer length, whether <image> is in it) of an LLM: local tokenizer, else shipped facts."""
+    local = Path(checkpoint).expanduser()
+    if local.is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(local)
+        return len(tokenizer), "<image>" in tokenizer.get_vocab()
+    shipped = _shipped(checkpoint)
+    if shipped is not None and (shipped / "tokenizer_facts.json").exists():
+        facts = json.loads((shipped / "tokenizer_facts.json").read_text())
+        return facts["tokenizer_size"], facts["has_image_token"]
+    raise ConfigError(f"{checkpoint}: the composed vocabulary needs the tokenizer; pass a local folder")
+
+
+def model_config(cfg: ModelConfig, projector_type: str):
+    """The Llava / LlavaNext config a run of `cfg` would build, from configs alone."""
+    from transformers import LlavaConfig
+
+    from vlmablate.model.load import _DUAL_ENCODERS, _VISION_TOWERS, PROJECTOR_ACTS, resolve_checkpoint
+
+    if cfg.source in ("pretrained", "tiny_random"):
+        checkpoint = resolve_checkpoint(cfg, projector_type=projector_type)
+        return _config_from_dict(load_config_dict(checkpoint))
+    if cfg.source != "compose":
+        raise ConfigError(f"model.source={cfg.source!r} cannot be planned; resolve it first")
+    vision = load_config_dict(cfg.vision_checkpoint)
+    vision = vision["vision_config"] | {"model_type": vision["model_type"] + "_vision_model"} \
+        if vision["model_type"] in _DUAL_ENCODERS else vision
+    if vision["model_type"] not in _VISION_TOWERS:
+        raise ConfigError(f"{cfg.vision_checkpoint}: {vision['model_type']!r} is not a vision tower compose takes")
+    text = _config_from_dict(load_config_dict(cfg.llm_checkpoint))
+    size, has_image = _tokenizer_size(cfg.llm_checkpoint)
+    text.vocab_size = max(size + (0 if has_image else 1), text.vocab_size)  # compose's resize rule
+    vision_config = _config_from_dict(vision)
+    n_extra = _VISION_TOWERS[vision_config.model_type]
+    strategy = cfg.vision_feature_select_strategy
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    return LlavaConfig(vision_config=vision_config, text_config=text, image_token_index=text.vocab_size - 1,
+                       projector_hidden_act=PROJECTOR_ACTS[projector_type],
+                       vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy=strategy,
+                       image_seq_length=patches + (n_extra if strategy == "full" else 0))
+
+
+def meta_model(config) -> nn.Module:
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    cls = LlavaNextForConditionalGeneration if config.model_type == "llava_next" else LlavaForConditionalGeneration
+    with torch.device("meta"):
+        model = cls(config)
+    return model
+
+
+def _quantizable(model: nn.Module, skip: list[str]) -> int:
+    """Weights bitsandbytes would quantize: the LLM's linear layers outside the skip list."""
+    base = unwrap(model)
+    total = 0
+    for name, module in base.named_modules():
+        if type(module) is nn.Linear and name.startswith("model.language_model.") and ".lora_" not in name \
+                and not any(name == s or name.startswith(s + ".") for s in skip):
+            total += module.weight.numel()
+    return total
+
+
+def count_cell(cfg: RunConfig) -> tuple[dict, object]:
+    """The runner's parameter table for `cfg`, computed on the meta device; and the model config."""
+    from vlmablate.train.runner import resolve_model
+
+    plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage, lr_scale=cfg.train.lr_scale)
+    config = model_config(resolve_model(cfg), plan.projector_type)
+    model = apply_plan(meta_model(config), replace(plan, quant="none"))  # k-bit preparation needs real weights
+    table = parameter_table(model, plan)
+    if plan.quant != "none":
+        table["components"]["llm"]["quantized"] = _quantizable(model, plan.skip_modules())
+    return table, config
+
+
+# --- memory -----------------------------------------------------------------------------------------------
+
+
+def _dtype_bytes(cfg: RunConfig) -> int:
+    if cfg.train.bf16 or cfg.train.fp16:
+        return 2
+    return 4 if cfg.model.torch_dtype in ("float32", "auto") else 2
+
+
+def estimate_memory(cfg: RunConfig, table: dict, config) -> dict:
+    """Peak GPU memory by term, in GiB (see the module docstring for the model)."""
+    rows, quant = table["components"], cfg.quant.mode
+    dtype = _dtype_bytes(cfg)
+    quantized = rows["llm"]["quantized"]
+    base = table["total"]
+    constants = 0.0
+    if quant == "nf4":  # one absmax per 64 weights: fp32, or 8-bit plus fp32 per 256 blocks with double quant
+        constants = quantized * ((1 + 4 / 256) / 64 if cfg.quant.double_quant else 4 / 64)
+    elif quant == "int8":
+        constants = quantized * 4 / max(1, config.text_config.hidden_size)
+    other_bytes = 4 if quant != "none" else dtype  # PEFT upcasts what is not quantized to fp32
+    weights = quantized * QUANT_BYTES.get(quant, 0) + constants + (base - quantized) * other_bytes
+    lora = sum(r["lora"] for r in rows.values())
+    lora_bytes = 4 if quant != "none" else dtype
+    trainable = table["trainable"]["total"]
+    trainable_base = trainable - lora
+    param_bytes = lora * lora_bytes + trainable_base * other_bytes
+    grads = param_bytes
+    if cfg.train.optim in EIGHT_BIT_OPTIMIZERS:
+        optimizer = 2.0 * trainable
+    else:
+        optimizer = 2.0 * param_bytes
+    text = config.text_config
+    batch = cfg.train.per_device_train_batch_size
+    seq = cfg.plan.seq_len or cfg.model.max_length
+    tokens = batch * seq
+    per_layer = ACTIVATION_FACTOR * text.hidden_size * tokens
+    if cfg.train.gradient_checkpointing:
+        llm_act = text.num_hidden_layers * 2 * text.hidden_size * tokens + per_layer
+    else:
+        llm_act = text.num_hidden_layers * per_layer
+    logits = tokens * text.vocab_size * (dtype + 4)
+    vision_act = 0.0
+    if rows["vision"]["trainable"]:
+        v = config.vision_config
+        tiles = 5 if config.model_type == "llava_next" else 1  # base image + the 2x2 tiles of 672x672
+        image_tokens = ((v.image_size // v.patch_size) ** 2 + 1) * tiles * batch
+        vision_act = v.num_hidden_layers * ACTIVATION_FACTOR * v.hidden_size * image_tokens
+        if cfg.train.gradient_checkpointing:
+            vision_act = v.num_hidden_layers * 2 * v.hidden_size * image_tokens + vision_act / v.num_hidden_layers
+    terms = {"weights": weights, "lora_and_grads": lora * lora_bytes + grads, "optimizer": optimizer,
+             "activations_llm": llm_act, "logits": logits, "activations_vision": vision_act}
+    gib = {k: round(v / GIB, 2) for k, v in terms.items()}
+    gib["runtime"] = RUNTIME_GIB
+    gib["total"] = round(sum(terms.values()) / GIB + RUNTIME_GIB, 2)
+    gib["batch"], gib["seq_len"] = batch, seq
+    gib["fits"] = gib["total"] <= cfg.plan.gpu_gb
+    return gib
+
+
+# --- the command ------------------------------------------------------------------------------------------
+
+
+def plan_cell(cfg: RunConfig) -> dict:
+    validate(replace(cfg, eval=replace(cfg.eval, tasks=[])))  # the cell's rules; evaluation is not planned
+    table, config = count_cell(cfg)
+    return {"vision": cfg.vision.policy, "freeze": cfg.freeze.name, "quant": cfg.quant.mode, "params": table,
+            "memory_gib": estimate_memory(cfg, table, config), "model_type": config.model_type}
+
+
+def grid_cells(cfg: RunConfig, compose) -> list[tuple[str, dict | str]]:
+    """The seed's four cells on this model, train preset and quantization (none for full fine-tuning)."""
+    out = []
+    for name, vision, freeze in SEED_GRID:
+        quant = "none" if freeze == "full_llm" else cfg.quant.mode
+        cell_cfg = compose([f"vision={vision}", f"freeze={freeze}", f"quant={quant}"])
+        try:
+            out.append((name, plan_cell(cell_cfg)))
+        except ConfigError as err:
+            out.append((name, str(err)))
+    return out
+
+
+def format_plan(result: dict, gpu_gb: float) -> str:
+    rows = result["params"]["components"]
+    lines = [f"{'component':<10} {'total':>15} {'trainable':>14} {'lora':>12} {'quantized':>15} {'unused':>12}"]
+    for c in COMPONENTS:
+        r = rows[c]
+        lines.append(f"{c:<10} {r['total']:>15,} {r['trainable']:>14,} {r['lora']:>12,} {r['quantized']:>15,} "
+                     f"{r['unused']:>12,}")
+    total, trainable = result["params"]["total"], result["params"]["trainable"]["total"]
+    lines.append(f"{'all':<10} {total:>15,} {trainable:>14,}  ({100 * trainable / max(1, total):.2f}% trainable)")
+    mem = result["memory_gib"]
+    terms = ", ".join(f"{k} {mem[k]:.2f}" for k in ("weights", "lora_and_grads", "optimizer", "activations_llm",
+                                                     "logits", "activations_vision", "runtime"))
+    verdict = "fits" if mem["fits"] else "does NOT fit"
+    lines.append(f"peak GPU memory ≈ {mem['total']:.1f} GiB at batch {mem['batch']} × {mem['seq_len']} tokens "
+                 f"({terms}): {verdict} in {gpu_gb:g} GiB")
+    return "\n".join(lines)
+
+
+def format_grid(cells: list[tuple[str, dict | str]], gpu_gb: float) -> str:
+    header = f"{'cell':<28} {'quant':<6} {'trainable':>15} {'% of total':>10} {'peak GiB':>9}  fits {gpu_gb:g} GiB"
+    lines = [header, "-" * len(header)]
+    for name, cell in cells:
+        if isinstance(cell, str):
+            lines.append(f"{name:<28} invalid: {cell}")
+            continue
+        p, mem = cell["params"], cell["memory_gib"]
+        share = 100 * p["trainable"]["total"] / max(1, p["total"])
+        lines.append(f"{name:<28} {cell['quant']:<6} {p['trainable']['total']:>15,} {share:>9.2f}% "
+                     f"{mem['total']:>9.1f}  {'yes' if mem['fits'] else 'NO'}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from hydra import compose as hydra_compose
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
+    run_cfg = to_run_config(cfg)
+
+    def compose(extra: list[str]) -> RunConfig:
+        kept = [o for o in overrides if o.split("=")[0].lstrip("+~") not in ("vision", "freeze", "quant")]
+        return to_run_config(hydra_compose(config_name="config", overrides=[*kept, *extra]))
+
+    result = plan_cell(run_cfg)
+    print(f"plan: model={run_cfg.model.name} vision={run_cfg.vision.policy} freeze={run_cfg.freeze.name} "
+          f"quant={run_cfg.quant.mode} train={run_cfg.train.name}")
+    print(format_plan(result, run_cfg.plan.gpu_gb))
+    cells = grid_cells(run_cfg, compose) if run_cfg.plan.grid else []
+    if cells:
+        print(f"\nthe seed's freeze grid on {run_cfg.model.name} (train={run_cfg.train.name}):")
+        print(format_grid(cells, run_cfg.plan.gpu_gb))
+    out = Path(HydraConfig.get().runtime.output_dir) / "plan.json"
+    out.write_text(json.dumps({"cell": result, "grid": [{"cell": n, **(c if isinstance(c, dict) else {"error": c})}
+                                                        for n, c in cells]}, indent=2))
+    print(f"plan written to {out}")
+
+
+if __name__ == "__main__":
+    main()
