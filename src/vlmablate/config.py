@@ -261,6 +261,16 @@ class LoggerConfig:
 
 
 @dataclass
+class CellConfig:
+    """A named cell of the seed's freeze grid: it picks `vision` and `freeze` together (`none`: leave them)."""
+
+    name: str = "none"
+    label: str = ""  # how the report names the cell (seed 000's wording)
+    vision: Optional[str] = None  # the vision policy and freeze option the cell stands for
+    freeze: Optional[str] = None
+
+
+@dataclass
 class PlanConfig:
     """`python -m vlmablate.plan`: the GPU to fit, and the sequence length of the memory estimate."""
 
@@ -282,6 +292,7 @@ class RunConfig:
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
     world: WorldConfig = MISSING
+    cell: CellConfig = field(default_factory=CellConfig)
     run_dir: Optional[str] = None  # `python -m vlmablate.eval run_dir=PATH`: the finished run to evaluate
     plan: PlanConfig = field(default_factory=PlanConfig)
 
@@ -298,6 +309,7 @@ GROUP_SCHEMAS = {
     "eval": EvalConfig,
     "logger": LoggerConfig,
     "world": WorldConfig,
+    "cell": CellConfig,
 }
 
 
@@ -416,6 +428,10 @@ def validate(cfg: RunConfig, overrides: Sequence[str] = ()) -> None:
         raise ConfigError(f"eval={cfg.eval.name} on {cfg.model.name} needs eval.vqa_json=FILE and "
                           "eval.vqa_image_root=DIR, or eval=none")
     _validate_data(cfg.data)
+    if cfg.cell.name != "none" and (cfg.vision.policy, cfg.freeze.name) != (cfg.cell.vision, cfg.cell.freeze):
+        raise ConfigError(f"cell={cfg.cell.name} is vision={cfg.cell.vision} freeze={cfg.cell.freeze}, but the run has "
+                          f"vision={cfg.vision.policy} freeze={cfg.freeze.name}; drop the vision/freeze overrides "
+                          "or the cell")
 
 
 SOURCE_KINDS = ("llava_json", "hf", "tiny_world_caption", "tiny_world_instruct", "synthetic_caption",

@@ -85,7 +85,9 @@ def finish_wandb(run, summary: dict) -> None:
     if run is None:
         return
     try:
-        run.summary.update(flat_config({k: v for k, v in summary.items() if k in ("status", "params", "train", "eval")}))
+        # The same keys for every run, so W&B's grouping, parallel-coordinates and table views compare cells.
+        keep = ("status", "cell", "seed", "params", "train", "eval")
+        run.summary.update(flat_config({k: v for k, v in summary.items() if k in keep}))
         offline = run.settings.mode == "offline"
         run_path = Path(run.dir).parent
         run.finish()

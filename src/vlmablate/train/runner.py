@@ -14,14 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments, set_seed
 
-from vlmablate.config import (
-    AUTO,
-    ModelConfig,
-    RunConfig,
-    cache_root,
-    to_run_config,
-    validate,
-)
+from vlmablate.config import AUTO, ModelConfig, RunConfig, cache_root, config_hash, to_run_config, validate
 from vlmablate.data.collator import LlavaCollator
 from vlmablate.data.dataset import preflight
 from vlmablate.data.sources import MixedDataset, build_dataset
@@ -179,7 +172,13 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
     if composed is not None and not hydra_config.exists():  # called in-process, not through the Hydra app
         hydra_config.parent.mkdir(exist_ok=True)
         OmegaConf.save(OmegaConf.create(composed), hydra_config)
-    summary: dict = {"status": "failed", "run_dir": str(run_dir)}
+    digest = config_hash(composed) if composed is not None else None
+    done = completed_summary(run_dir, digest)
+    if done is not None:  # a sweep run again: this cell already finished with this very config
+        log.info("%s already completed with this config (hash %s): skipped", run_dir, digest)
+        return done
+    summary: dict = {"status": "failed", "run_dir": str(run_dir), "config_hash": digest, "seed": cfg.train.seed,
+                     "cell": {"name": cfg.cell.name, "label": cfg.cell.label}}
     wandb_run = None
     try:
         validate(cfg, overrides)
@@ -209,7 +208,8 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
 
         wandb_run = start_wandb(cfg.logger, flat_config(composed or {}), run_dir=run_dir, job_type=cfg.stage.name,
                                 tags=[f"stage:{cfg.stage.name}", f"freeze:{cfg.freeze.name}",
-                                      f"vision:{cfg.vision.policy}", f"quant:{cfg.quant.mode}"])
+                                      f"vision:{cfg.vision.policy}", f"quant:{cfg.quant.mode}",
+                                      f"cell:{cfg.cell.name}"])
         plan_record = {"config": composed, "plan": plan.to_dict(), "params": table, "lineage": lineage}
         trainer = VlmTrainer(
             model=model,
@@ -251,6 +251,18 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
         finish_wandb(wandb_run, summary)
 
 
+def completed_summary(run_dir: Path, digest: str | None) -> dict | None:
+    """The run's summary if it completed with the config of hash `digest` (None: not done, or another config)."""
+    path = run_dir / "summary.json"
+    if digest is None or not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError:  # written atomically, so this is a file from elsewhere: run again
+        return None
+    return summary if summary.get("status") == "completed" and summary.get("config_hash") == digest else None
+
+
 def _train_summary(trainer: VlmTrainer, metrics: dict, wall: float) -> dict:
     curve = [[e["step"], round(e["loss"], 5)] for e in trainer.state.log_history if "loss" in e]
     losses = [loss for _, loss in curve]
@@ -281,12 +293,23 @@ def _write_json(path: Path, data: dict) -> None:
 def run_from_hydra(cfg: DictConfig) -> float | None:
     """The Hydra entry point's one call: typed config once at the edge, then `run`."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     composed = OmegaConf.to_container(cfg, resolve=True)
     run_cfg = to_run_config(cfg)
-    summary = run(run_cfg, run_dir, composed=composed, overrides=list(hydra_cfg.overrides.task))
+    try:
+        summary = run(run_cfg, run_dir, composed=composed, overrides=list(hydra_cfg.overrides.task))
+    except Exception:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise
+        # One failed cell (out of memory, bad data) must not stop the sweep: its summary says
+        # failed, the report shows it, and the next invocation runs it again.
+        log.exception("cell %s failed; the sweep goes on", run_dir)
+        return None
+    if summary.get("status") != "completed":
+        return None
     train, mmbench = summary["train"], summary["eval"].get("mmbench")
     plan = resolve_plan(run_cfg.vision, run_cfg.projector, run_cfg.freeze, run_cfg.quant, run_cfg.stage,
                         lr_scale=run_cfg.train.lr_scale)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -51,10 +52,37 @@ class TrainTimer(TrainerCallback):
         return (self.end - self.start) if self.start is not None and self.end is not None else 0.0
 
 
+@contextmanager
+def _frozen_quantized_llm_allowed(model, plan: FreezePlan):
+    """Let Trainer take a quantized model whose trainable parameters are all full precision.
+
+    Trainer refuses a quantized model without PEFT adapters, assuming its trainable weights would be
+    quantized ones. The seed's first cell on a 4090 (4-bit LLM frozen, projector trained) is exactly
+    the case it misjudges: what trains is on bitsandbytes' skip list. That is checked here, parameter
+    by parameter, and only then is Trainer's own check passed over.
+    """
+    if model is None or plan.quant == "none" or plan.uses_lora:
+        yield
+        return
+    quantized = [n for n, p in model.named_parameters() if p.requires_grad and type(p).__name__ in
+                 ("Params4bit", "Int8Params")]
+    if quantized:
+        raise ValueError(f"quantized parameters are marked trainable: {quantized[:5]}")
+    import transformers.trainer as trainer_module
+
+    check = trainer_module.validate_quantization_for_training
+    trainer_module.validate_quantization_for_training = lambda model: None
+    try:
+        yield
+    finally:
+        trainer_module.validate_quantization_for_training = check
+
+
 class VlmTrainer(Trainer):
     def __init__(self, *args, plan: FreezePlan, plan_record: dict, sampler: str = "random",
                  lengths: list[int] | None = None, bad_budget: tuple[int, int, float] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+        with _frozen_quantized_llm_allowed(kwargs.get("model"), plan):
+            super().__init__(*args, **kwargs)
         self.sampler_kind = sampler
         self.lengths = lengths  # LLaVA's modality lengths: > 0 with an image, < 0 text-only
         # (records, bad records found by the scan, data.max_bad_fraction): encoding failures add to it

@@ -1,0 +1,150 @@
+"""Sweeps: the seed's grid as a Hydra multirun (test world, few steps), idempotent re-runs, a failed cell
+that leaves the others completed, the report, the cluster and W&B sweep definitions, the notebook."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import CONF
+
+from vlmablate.report.compare import paired_tests, summarize, to_markdown, write_report
+
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+FAST = ["world=test", "model=tiny_random", "train=cpu_tiny", "train.max_steps=3", "train.save_steps=100",
+        "train.progress=false", "train.seed=0", "eval.max_questions=12"]
+
+
+def sweep(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VLMABLATE_CACHE": os.environ["VLMABLATE_CACHE"]}
+    return subprocess.run([sys.executable, "-m", "vlmablate", "--config-dir", str(SWEEPS), "--config-name",
+                           "freeze_grid", *FAST, f"hydra.sweep.dir={tmp_path / 'grid'}", *extra],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    first = sweep(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    return tmp_path, first
+
+
+@pytest.mark.slow
+def test_the_grid_runs_and_is_reported(grid):
+    tmp_path, _ = grid
+    folder = tmp_path / "grid"
+    with (folder / "comparison.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["cell"] for r in rows] == ["frozen_frozen", "frozen_lora", "unfrozen_lora", "full"]
+    assert all(r["status"] == "completed" and r["seeds"] == "1" for r in rows)
+    assert all(math.isfinite(float(r["mmbench_circular"])) for r in rows)
+    # trainable parameters of tiny_random, as test_plan.py derives them
+    assert [int(r["trainable_params"]) for r in rows] == [6_272, 39_040, 62_912, 180_992]
+    md = (folder / "comparison.md").read_text()
+    assert md.splitlines()[0].startswith("| Config | Trainable params | MM-Bench circular (95% CI) | Wall-clock")
+    assert "Full FT (vision + LLM + projector)" in md and "Paired differences" in md
+    assert (folder / "comparison.png").stat().st_size > 10_000
+    summary = json.loads((folder / "frozen_lora" / "seed0" / "summary.json").read_text())
+    assert summary["cell"] == {"name": "frozen_lora", "label": "Frozen vision + LoRA LLM + train projector"}
+    assert summary["seed"] == 0 and summary["config_hash"]
+
+
+@pytest.mark.slow
+def test_a_second_invocation_trains_nothing(grid):
+    tmp_path, _ = grid
+    summaries = sorted((tmp_path / "grid").glob("*/seed0/summary.json"))
+    before = {p: p.stat().st_mtime_ns for p in summaries}
+    again = sweep(tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("already completed with this config") == 4
+    assert {p: p.stat().st_mtime_ns for p in summaries} == before
+
+
+@pytest.mark.slow
+def test_a_failed_cell_leaves_the_others_completed(tmp_path):
+    # 4-bit quantization cannot go with full fine-tuning: that cell fails, the sweep goes on
+    result = sweep(tmp_path, "quant=nf4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    statuses = {p.parent.parent.name: json.loads(p.read_text())["status"]
+                for p in (tmp_path / "grid").glob("*/seed0/summary.json")}
+    assert statuses == {"frozen_frozen": "completed", "frozen_lora": "completed", "unfrozen_lora": "completed",
+                        "full": "failed"}
+    with (tmp_path / "grid" / "comparison.csv").open() as f:
+        rows = {r["cell"]: r for r in csv.DictReader(f)}
+    assert rows["full"]["status"] == "failed" and rows["full"]["seeds"] == "0"
+    assert "| failed" in (tmp_path / "grid" / "comparison.md").read_text()
+
+
+def fake_run(folder: Path, cell: str, seed: int, correct: list[bool], status: str = "completed") -> None:
+    run = folder / cell / f"seed{seed}"
+    (run / "eval" / "mmbench").mkdir(parents=True)
+    rows = [{"q": q, "copy": c, "correct": ok} for q, ok in enumerate(correct) for c in range(2)]
+    (run / "eval" / "mmbench" / "predictions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    summary = {"status": status, "seed": seed, "cell": {"name": cell, "label": cell.upper()},
+               "params": {"total": 1000, "trainable": {"total": 10 * (1 + len(cell))}},
+               "train": {"wall_clock_s": 5.0 + seed, "peak_mem_mb": 100.0, "tokens_per_s": 50.0, "final_loss": 1.0},
+               "eval": {"mmbench": {"vanilla_acc": 0.5}, "textvqa": {"vqa_acc": 0.25}}}
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_report_pools_seeds_and_tests_pairs(tmp_path):
+    fake_run(tmp_path, "a", 0, [True] * 20)
+    fake_run(tmp_path, "a", 1, [True] * 10 + [False] * 10)
+    fake_run(tmp_path, "b", 0, [False] * 20)
+    fake_run(tmp_path, "b", 1, [False] * 20)
+    fake_run(tmp_path, "c", 0, [True] * 20, status="failed")
+    result = write_report(tmp_path, n_boot=200)
+    rows = {r["cell"]: r for r in result["rows"]}
+    assert rows["a"]["mmbench_circular"] == pytest.approx(0.75)  # 30 of 40 (seed, question) pairs
+    lo, hi = rows["a"]["mmbench_ci_low"], rows["a"]["mmbench_ci_high"]
+    assert lo < 0.75 < hi and rows["b"]["mmbench_circular"] == 0.0
+    assert rows["a"]["wall_clock_s"] == 5.5 and rows["a"]["seeds"] == 2 and rows["a"]["vqa_acc"] == 0.25
+    assert rows["c"]["status"] == "failed" and rows["c"]["failed_seeds"] == "0"
+    (pair,) = [t for t in result["paired"] if {t["a"], t["b"]} == {"a", "b"}]
+    assert pair["pairs"] == 40 and abs(pair["diff"]) == pytest.approx(0.75) and pair["p_value"] < 0.05
+    assert "beyond noise" in to_markdown(result["rows"], result["paired"])
+    assert summarize({"cell": "x", "label": "x", "runs": [], "config": {}})["status"] == "failed"
+    assert paired_tests([]) == []
+
+
+def test_the_slurm_and_wandb_sweeps_are_well_formed():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
+        cfg = compose(config_name="freeze_grid_slurm", overrides=[f"hydra.searchpath=[file://{CONF}]"],
+                      return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.additional_parameters.requeue is True
+    assert cfg.hydra.sweeper.params.cell == "frozen_frozen,frozen_lora,unfrozen_lora,full"
+    wandb_sweep = yaml.safe_load((SWEEPS / "wandb_freeze_grid.yaml").read_text())
+    assert wandb_sweep["method"] == "grid"
+    assert wandb_sweep["parameters"]["cell"]["values"] == ["frozen_frozen", "frozen_lora", "unfrozen_lora", "full"]
+    assert "${args_no_hyphens}" in wandb_sweep["command"]
+
+
+@pytest.mark.slow
+def test_the_notebook_runs_against_a_sweep(grid):
+    import nbformat
+    from nbclient import NotebookClient
+
+    tmp_path, _ = grid
+    notebook = nbformat.read(Path(__file__).resolve().parents[1] / "notebooks" / "compare_sweep.ipynb", as_version=4)
+    os.environ["SWEEP_DIR"] = str(tmp_path / "grid")
+    try:
+        NotebookClient(notebook, timeout=300, kernel_name="python3").execute()
+    finally:
+        del os.environ["SWEEP_DIR"]
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert any("4" == o.get("data", {}).get("text/plain") for o in outputs)  # four cells reported
+    assert (tmp_path / "grid" / "loss_curves.png").exists() and (tmp_path / "grid" / "accuracy_vs_params.png").exists()
