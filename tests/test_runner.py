@@ -236,3 +236,14 @@ def test_grouped_samplers_pad_less_than_random_batches(run_cell):
         efficiency[sampler] = s["train"]["padding_efficiency"]
     assert efficiency["modality_length"] > efficiency["random"]
     assert efficiency["length"] > efficiency["random"]
+
+
+@pytest.mark.slow
+def test_a_frozen_llm_leaves_text_only_samples_out(run_cell):
+    # With the LLM frozen, a text-only batch reaches no trainable parameter (no gradient at all).
+    summary = run_cell("freeze=frozen_llm", "train.max_steps=-1", "train.num_train_epochs=1", "train.save_steps=1000",
+                       "eval=none", name="frozen_llm")
+    data = summary["data"]
+    assert summary["status"] == "completed" and data["text_only_left_out"] > 0
+    assert data["records_in_mix"] == data["in_mix"] - data["text_only_left_out"]
+    assert summary["train"]["samples_seen"] == data["records_in_mix"]

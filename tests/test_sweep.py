@@ -148,3 +148,28 @@ def test_the_notebook_runs_against_a_sweep(grid):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert any("4" == o.get("data", {}).get("text/plain") for o in outputs)  # four cells reported
     assert (tmp_path / "grid" / "loss_curves.png").exists() and (tmp_path / "grid" / "accuracy_vs_params.png").exists()
+
+
+def test_the_grid_shares_one_wandb_group():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
+        cfg = compose(config_name="freeze_grid", overrides=[f"hydra.searchpath=[file://{CONF}]", "logger=wandb",
+                                                            "cell=full"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert cfg.logger.group == "freeze_grid" and cfg.logger.name == "wandb"
+    assert (cfg.vision.policy, cfg.freeze.name) == ("unfrozen", "full_llm")
+    assert cfg.hydra.sweep.subdir == f"full/seed{cfg.train.seed}"  # one folder per cell and seed
+
+
+def test_stage_one_is_shared_by_every_cell_and_seed():
+    from vlmablate.train.stages import stage1_overrides
+
+    for cell in ("frozen_frozen", "frozen_lora", "unfrozen_lora", "full"):
+        for seed in (0, 1, 2):
+            kept = stage1_overrides([f"cell={cell}", f"train.seed={seed}", "world=test", "train.max_steps=3"],
+                                    "tiny_world_caption")
+            assert kept == ["world=test", "train.max_steps=3", "stage=align", "data=tiny_world_caption", "eval=none",
+                            "model.pretrained_projector=null"]

@@ -94,6 +94,14 @@ class MixedDataset(Dataset):
     def __len__(self) -> int:
         return self.offsets[-1]
 
+    def keep_images_only(self) -> int:
+        """Leave the text-only samples out of the mix; return how many there were."""
+        before = len(self)
+        self.indices = [ix[scan.lengths[ix] > 0] for scan, ix in zip(self.scans, self.indices)]
+        self.offsets = np.cumsum([0] + [len(ix) for ix in self.indices]).tolist()
+        self.lengths = np.concatenate([scan.lengths[ix] for scan, ix in zip(self.scans, self.indices)]).tolist()
+        return before - len(self)
+
     def locate(self, k: int) -> tuple[int, int]:
         """(part, record index in that part's source) of sample k."""
         p = bisect_right(self.offsets, k) - 1

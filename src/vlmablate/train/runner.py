@@ -17,6 +17,7 @@ from transformers import TrainingArguments, set_seed
 from vlmablate.config import AUTO, ModelConfig, RunConfig, cache_root, config_hash, to_run_config, validate
 from vlmablate.data.collator import LlavaCollator
 from vlmablate.data.dataset import preflight
+from vlmablate.data.errors import DataError
 from vlmablate.data.sources import MixedDataset, build_dataset
 from vlmablate.eval.suite import run_eval
 from vlmablate.model.load import load_model, model_dims
@@ -205,6 +206,16 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
                                 cache_dir=cache_root(cfg.data.cache_dir), image_size=_image_size(processor),
                                 image_tokens=image_tokens_of(model), world=cfg.world, progress=cfg.train.progress)
         summary["data"] = _data_report(dataset, cfg)
+        if not plan.llm.trainable:
+            # Nothing a text-only sample passes through trains (the vision tower and the projector only
+            # see images): such a batch has no gradient at all, so those samples are left out.
+            summary["data"]["text_only_left_out"] = dropped = dataset.keep_images_only()
+            summary["data"]["records_in_mix"] = len(dataset)
+            if dropped:
+                log.info("LLM frozen: %d text-only samples left out (no trainable parameter sees them)", dropped)
+            if len(dataset) == 0:
+                raise DataError(f"data={cfg.data.name} has no image samples, and with the LLM frozen only image "
+                                "samples reach a trainable parameter")
 
         wandb_run = start_wandb(cfg.logger, flat_config(composed or {}), run_dir=run_dir, job_type=cfg.stage.name,
                                 tags=[f"stage:{cfg.stage.name}", f"freeze:{cfg.freeze.name}",

@@ -20,7 +20,10 @@ from vlmablate.config import config_hash
 log = logging.getLogger(__name__)
 
 # Overrides that belong to the stage-2 cell and must not leak into its stage-1 run.
-_CELL_KEYS = ("stage", "freeze", "vision", "data", "eval", "model.pretrained_projector", "hydra")
+# `cell` picks vision and freeze; `train.seed` is a sweep's repeat axis: stage 1 is shared by every cell
+# and every seed of a grid, as LLaVA shares one pretrained projector, and trains with its own default seed.
+_CELL_KEYS = ("stage", "freeze", "vision", "cell", "data", "eval", "model.pretrained_projector", "hydra",
+              "train.seed")
 # Settings that do not change what stage 1 learns, left out of its hash.
 _UNHASHED = ("logger", "train.progress")
 
@@ -47,7 +50,7 @@ def _key(override: str) -> str:
 
 
 def stage1_overrides(overrides: list[str], stage1_data: str) -> list[str]:
-    kept = [o for o in overrides if not _key(o).split(".")[0] in _CELL_KEYS and not _key(o).startswith(_CELL_KEYS)]
+    kept = [o for o in overrides if _key(o).split(".")[0] not in _CELL_KEYS and not _key(o).startswith(_CELL_KEYS)]
     return [*kept, "stage=align", f"data={stage1_data}", "eval=none", "model.pretrained_projector=null"]
 
 
