@@ -111,9 +111,10 @@ def test_invalid_config_fails_before_loading_and_writes_a_failed_summary(run_cel
 
     with pytest.raises(ConfigError, match="cannot be fully fine-tuned"):
         run_cell("quant=nf4", "freeze=full_llm", name="bad")
-    assert read_summary(tmp_path / "bad") == {
-        "status": "failed", "run_dir": str(tmp_path / "bad"),
-        "error": read_summary(tmp_path / "bad")["error"]}
+    summary = read_summary(tmp_path / "bad")
+    assert summary == {"status": "failed", "run_dir": str(tmp_path / "bad"), "error": summary["error"],
+                       "config_hash": summary["config_hash"], "seed": 42, "cell": {"name": "none", "label": ""}}
+    assert len(summary["config_hash"]) == 12
 
 
 @pytest.mark.slow
