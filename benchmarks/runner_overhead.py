@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from vlmablate.config import cache_root, register_configs, to_run_config
 from vlmablate.data.collator import LlavaCollator
+from vlmablate.data.sampler import RankBatchSampler
 from vlmablate.data.sources import build_dataset
 from vlmablate.model.plan import resolve_plan
 from vlmablate.train import runner
@@ -43,11 +44,15 @@ def hand_written_loop(cfg, steps: int) -> float:
     torch.manual_seed(cfg.train.seed)
     plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage,
                         lr_scale=cfg.train.lr_scale)
-    model, processor, _ = runner._load(cfg, plan)
+    model, processor, _ = runner.load_cell_model(cfg, plan, None)
     dataset = build_dataset(cfg.data, processor=processor, template=cfg.stage.template,
-                            max_length=cfg.model.max_length, image_aspect=cfg.stage.image_aspect,
-                            cache_dir=cache_root(cfg.data.cache_dir), image_size=runner._image_size(processor))
-    loader = DataLoader(dataset, batch_size=cfg.train.per_device_train_batch_size, shuffle=True,
+                            max_length=cfg.model.max_length, image_aspect=runner.image_aspect_of(cfg),
+                            cache_dir=cache_root(cfg.data.cache_dir), image_size=runner.image_size_of(processor),
+                            image_tokens=runner.image_tokens_of(model), world=cfg.world, progress=False)
+    # the runner's own batches (same sampler, same order), so both sides pad the same way
+    sampler = RankBatchSampler(dataset.lengths, kind=cfg.stage.sampler,
+                               batch_size=cfg.train.per_device_train_batch_size, seed=cfg.train.seed)
+    loader = DataLoader(dataset, batch_sampler=sampler,
                         collate_fn=LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id))
     decay = {n for n, _ in model.named_parameters() if "bias" not in n and "norm" not in n}
     optimizer = torch.optim.AdamW(parameter_groups(model, plan, decay_names=decay, weight_decay=0.0))

@@ -50,7 +50,8 @@ BROKEN = {  # reason -> a record that has exactly that fault
     "malformed_record": {"id": "b0", "conversations": "not a list"},
     "empty_turns": {"id": "b1", "conversations": []},
     "unknown_role": {"id": "b2", "conversations": [{"from": "robot", "value": "a"}, {"from": "gpt", "value": "b"}]},
-    "non_alternating": {"id": "b3", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
+    "non_alternating": {"id": "b3", "conversations": [{"from": "human", "value": "a"},
+                                                      {"from": "human", "value": "b"}]},
     "misplaced_image_marker": {"id": "b4", "conversations": turns("Hi", "<image> here")},
     "too_many_image_markers": {"id": "b5", "image": "ok.png", "conversations": turns("<image>\n<image>\nWhat?")},
     "marker_without_image": {"id": "b6", "conversations": turns("<image>\nWhat?")},
@@ -142,7 +143,8 @@ def test_hf_parquet_source_with_column_mapping_and_image_bytes(tmp_path, root, p
                                     "picture": datasets.Image()}))
     table.to_parquet(str(tmp_path / "d.parquet"))
     store = open_hf(builder="parquet", data_files=str(tmp_path / "d.parquet"), split="train",
-                    columns={"conversations": "messages", "image": "picture", "id": "uid"}, cache_dir=tmp_path, name="x")
+                    columns={"conversations": "messages", "image": "picture", "id": "uid"}, cache_dir=tmp_path,
+                    name="x")
     assert store[0]["id"] == "a" and store[0]["image_data"] == png and store[1].get("image") is None
     ds = LlavaJsonDataset(store, source_path=store.source, image_root=None, processor=processor, template="chat",
                           max_length=256)
@@ -397,8 +399,8 @@ def test_mixed_dataset_is_a_torch_dataset(tmp_path, root, processor):
     path = write(tmp_path / "d.json", [good(0), good(1, image=False)])
     mixed = build(data_config(path, root), processor, tmp_path)
     assert isinstance(mixed, MixedDataset) and isinstance(mixed, torch.utils.data.Dataset)
-    loader = torch.utils.data.DataLoader(mixed, batch_size=2, collate_fn=LlavaCollator(processor.tokenizer.pad_token_id),
-                                         num_workers=1)
+    collate = LlavaCollator(processor.tokenizer.pad_token_id)
+    loader = torch.utils.data.DataLoader(mixed, batch_size=2, collate_fn=collate, num_workers=1)
     batch = next(iter(loader))
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape == (1, 3, 32, 32)
 

@@ -185,8 +185,9 @@ def test_stage_one_projector_of_another_shape_is_rejected_before_weights_load(ru
                  f"model.pretrained_projector={align['artifacts']['projector']}", name="mismatch")
     assert loads == []
     with pytest.raises(ConfigError, match="holds a mlp2x_gelu projector"):
-        from vlmablate.config import validate
         from conftest import compose_run
+
+        from vlmablate.config import validate
 
         validate(compose_run("model=llava_phi2", "projector=linear", "stage=instruct",
                              f"model.pretrained_projector={align['artifacts']['projector']}")[0])

@@ -101,7 +101,7 @@ def model_config(cfg: ModelConfig, projector_type: str):
     """The Llava / LlavaNext config a run of `cfg` would build, from configs alone."""
     from transformers import LlavaConfig
 
-    from vlmablate.model.load import _DUAL_ENCODERS, _VISION_TOWERS, PROJECTOR_ACTS, resolve_checkpoint
+    from vlmablate.model.load import DUAL_ENCODERS, PROJECTOR_ACTS, VISION_TOWERS, resolve_checkpoint
 
     if cfg.source in ("pretrained", "tiny_random"):
         checkpoint = resolve_checkpoint(cfg, projector_type=projector_type)
@@ -110,14 +110,14 @@ def model_config(cfg: ModelConfig, projector_type: str):
         raise ConfigError(f"model.source={cfg.source!r} cannot be planned; resolve it first")
     vision = load_config_dict(cfg.vision_checkpoint)
     vision = vision["vision_config"] | {"model_type": vision["model_type"] + "_vision_model"} \
-        if vision["model_type"] in _DUAL_ENCODERS else vision
-    if vision["model_type"] not in _VISION_TOWERS:
+        if vision["model_type"] in DUAL_ENCODERS else vision
+    if vision["model_type"] not in VISION_TOWERS:
         raise ConfigError(f"{cfg.vision_checkpoint}: {vision['model_type']!r} is not a vision tower compose takes")
     text = _config_from_dict(load_config_dict(cfg.llm_checkpoint))
     size, has_image = _tokenizer_size(cfg.llm_checkpoint)
     text.vocab_size = max(size + (0 if has_image else 1), text.vocab_size)  # compose's resize rule
     vision_config = _config_from_dict(vision)
-    n_extra = _VISION_TOWERS[vision_config.model_type]
+    n_extra = VISION_TOWERS[vision_config.model_type]
     strategy = cfg.vision_feature_select_strategy
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
     return LlavaConfig(vision_config=vision_config, text_config=text, image_token_index=text.vocab_size - 1,

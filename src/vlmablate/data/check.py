@@ -38,7 +38,7 @@ def check_data(cfg: RunConfig, out_dir: Path | None = None) -> tuple[dict, bool]
     from vlmablate.data.sources import build_dataset
     from vlmablate.model.load import resolve_checkpoint
     from vlmablate.model.plan import resolve_plan
-    from vlmablate.train.runner import _image_size, image_aspect_of, resolve_model
+    from vlmablate.train.runner import image_aspect_of, image_size_of, resolve_model
 
     plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage)
     checkpoint = resolve_checkpoint(resolve_model(cfg), projector_type=plan.projector_type)
@@ -48,7 +48,7 @@ def check_data(cfg: RunConfig, out_dir: Path | None = None) -> tuple[dict, bool]
     data = replace(cfg.data, on_bad_sample="skip", verify_images=True, max_bad_fraction=1.0)
     dataset = build_dataset(data, processor=processor, template=cfg.stage.template, max_length=cfg.model.max_length,
                             image_aspect=image_aspect_of(cfg), cache_dir=cache_root(cfg.data.cache_dir),
-                            image_size=_image_size(processor), image_tokens=image_tokens, world=cfg.world,
+                            image_size=image_size_of(processor), image_tokens=image_tokens, world=cfg.world,
                             progress=cfg.train.progress)
     report = dataset.report()
     for name, part, scan in zip(dataset.names, dataset.parts, dataset.scans):

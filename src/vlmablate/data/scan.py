@@ -33,9 +33,9 @@ from vlmablate.data.records import RecordStore
 from vlmablate.data.templates import (
     IMAGE_MARKER,
     TemplateError,
-    _chat_template,
-    _check_image_marker,
-    _to_messages,
+    chat_template_of,
+    check_image_marker,
+    to_messages,
 )
 
 SCAN_VERSION = 1
@@ -92,8 +92,8 @@ def check_record(record, image_root: Path | None, ref: str, *, verify_image: boo
     TemplateError (each with a `reason`) otherwise."""
     check_structure(record, ref)
     image = record.get("image")
-    messages = _to_messages(record["conversations"], ref)
-    _check_image_marker(messages, image, ref)
+    messages = to_messages(record["conversations"], ref)
+    check_image_marker(messages, image, ref)
     if image is not None and record.get("image_data") is None:
         path = resolve_image(image, image_root, ref)
         if verify_image:
@@ -171,7 +171,7 @@ def template_overhead(tokenizer, template: str) -> tuple[int, int]:
     """Tokens the template adds: (for the first turn pair, incl. BOS and system prompt; for each further pair)."""
     if template == "plain":
         return 2, 0  # BOS and EOS around the caption
-    chat_template, _ = _chat_template(tokenizer)
+    chat_template, _ = chat_template_of(tokenizer)
 
     def tokens(pairs: int) -> int:
         messages = [m for _ in range(pairs) for m in ({"role": "user", "content": "x"},

@@ -81,8 +81,8 @@ def encode_conversation(
         raise TemplateError(f"{record_ref}: unknown template {template!r}; expected one of {TEMPLATES}")
     if not isinstance(max_length, int) or max_length < 1:
         raise TemplateError(f"{record_ref}: max_length must be a positive int, got {max_length!r}")
-    messages = _to_messages(conversations, record_ref)
-    _check_image_marker(messages, image, record_ref)
+    messages = to_messages(conversations, record_ref)
+    check_image_marker(messages, image, record_ref)
     tokenizer = processor.tokenizer
     image_token = getattr(processor, "image_token", None) or IMAGE_MARKER
     if image_token != IMAGE_MARKER:  # LLaVA JSON always writes <image>; the processor may spell it otherwise
@@ -115,7 +115,7 @@ def encode_conversation(
 # --- validation ------------------------------------------------------------------------------------
 
 
-def _to_messages(conversations, ref: str) -> list[dict]:
+def to_messages(conversations, ref: str) -> list[dict]:
     """LLaVA turns -> chat messages (roles system/user/assistant, string content), validated."""
     if not isinstance(conversations, list) or not conversations:
         raise TemplateError(f"{ref}: empty conversation (expected a non-empty list of turns)", "empty_turns")
@@ -146,13 +146,14 @@ def _check_roles(messages: list[dict], ref: str) -> None:
         if message["role"] != expected:
             raise TemplateError(
                 f"{ref}: roles do not alternate: turn {k + offset} is {message['role']} where {expected} "
-                "was expected (human/gpt must alternate, starting with human; system only as the first turn)", "non_alternating"
+                "was expected (human/gpt must alternate, starting with human; system only as the first turn)",
+                "non_alternating",
             )
     if not any(m["role"] == "assistant" for m in messages):
         raise TemplateError(f"{ref}: no assistant (gpt) turn, so there is nothing to learn", "non_alternating")
 
 
-def _check_image_marker(messages: list[dict], image, ref: str) -> None:
+def check_image_marker(messages: list[dict], image, ref: str) -> None:
     """Exactly one <image> in a human turn when there is an image, none otherwise."""
     if any(IMAGE_MARKER in m["content"] for m in messages if m["role"] != "user"):
         raise TemplateError(f"{ref}: {IMAGE_MARKER} may only appear in a human turn", "misplaced_image_marker")
@@ -183,7 +184,7 @@ def _render_plain(messages, tokenizer, image, image_token: str, ref: str) -> tup
     return text, [(len(image_token), len(text))]
 
 
-def _chat_template(tokenizer) -> tuple[str, str]:
+def chat_template_of(tokenizer) -> tuple[str, str]:
     """The tokenizer's own chat template, else Vicuna v1; with a name for error messages."""
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, str) and own:
@@ -198,7 +199,7 @@ def _render_chat(messages, tokenizer, ref: str) -> tuple[str, list]:
     with the generation prompt: the answer plus whatever the template closes it with (Vicuna's
     `</s>`). This needs no knowledge of the template, only that its renders are prefix-consistent.
     """
-    chat_template, name = _chat_template(tokenizer)
+    chat_template, name = chat_template_of(tokenizer)
 
     def render(msgs, generation_prompt):
         try:

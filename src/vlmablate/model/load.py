@@ -62,8 +62,8 @@ COMPOSE_META = "compose.json"
 COMPOSE_VERSION = 1  # bump when the composed folder changes, so cached folders are rebuilt
 # Vision encoders `compose` accepts: dual encoders (keep the image tower) and image towers alone.
 # The value is the number of non-patch tokens the tower prepends (CLIP's CLS; SigLIP has none).
-_DUAL_ENCODERS = {"clip": 1, "siglip": 0}
-_VISION_TOWERS = {"clip_vision_model": 1, "siglip_vision_model": 0}
+DUAL_ENCODERS = {"clip": 1, "siglip": 0}
+VISION_TOWERS = {"clip_vision_model": 1, "siglip_vision_model": 0}
 
 
 @dataclass
@@ -347,13 +347,13 @@ def _compose_tokenizer(checkpoint: str, trust: bool):
 def _vision_config_of(checkpoint: str, trust: bool) -> tuple[PretrainedConfig, bool]:
     """(image tower config, whether the checkpoint is a dual encoder) for a CLIP / SigLIP checkpoint."""
     config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust)
-    if config.model_type in _DUAL_ENCODERS:
+    if config.model_type in DUAL_ENCODERS:
         return config.vision_config, True
-    if config.model_type in _VISION_TOWERS:
+    if config.model_type in VISION_TOWERS:
         return config, False
     raise ConfigError(
         f"model.vision_checkpoint={checkpoint} is a {config.model_type!r} checkpoint; compose takes "
-        f"{', '.join([*_DUAL_ENCODERS, *_VISION_TOWERS])} checkpoints"
+        f"{', '.join([*DUAL_ENCODERS, *VISION_TOWERS])} checkpoints"
     )
 
 
@@ -363,14 +363,14 @@ def _load_vision_part(checkpoint: str, dtype: torch.dtype, trust: bool):
     model = AutoModel.from_pretrained(checkpoint, dtype=dtype, trust_remote_code=trust)
     # A dual encoder's `vision_model` has the same parameter names as the stand-alone image tower.
     state = (model.vision_model if dual else model).state_dict()
-    n_extra = _VISION_TOWERS[vision_config.model_type]
+    n_extra = VISION_TOWERS[vision_config.model_type]
     return vision_config, state, n_extra
 
 
 def _check_compose_features(cfg: ModelConfig, vision_config) -> None:
     """The vision layer and token selection asked for must exist in the vision tower."""
     _check_feature_layer(cfg.vision_feature_layer, vision_config.num_hidden_layers, cfg.vision_checkpoint)
-    if cfg.vision_feature_select_strategy == "default" and _VISION_TOWERS[vision_config.model_type] == 0:
+    if cfg.vision_feature_select_strategy == "default" and VISION_TOWERS[vision_config.model_type] == 0:
         raise ConfigError(
             f"{cfg.vision_checkpoint} has no CLS token, so vision_feature_select_strategy=default would drop a "
             "real image patch; set model.vision_feature_select_strategy=full"

@@ -123,7 +123,7 @@ def resolve_model(cfg: RunConfig) -> ModelConfig:
     return replace(cfg.model, source="compose", vision_checkpoint=str(paths.vision), llm_checkpoint=str(paths.llm))
 
 
-def _load(cfg: RunConfig, plan: FreezePlan, projector_path: str | None):
+def load_cell_model(cfg: RunConfig, plan: FreezePlan, projector_path: str | None):
     """Load the model, install the stage-1 projector if given, apply the plan; return model, processor, lineage."""
     model_cfg = resolve_model(cfg)
     if projector_path:
@@ -140,7 +140,7 @@ def _load(cfg: RunConfig, plan: FreezePlan, projector_path: str | None):
     return model, loaded.processor, lineage
 
 
-def _image_size(processor) -> int:
+def image_size_of(processor) -> int:
     ip = processor.image_processor
     crop = getattr(ip, "crop_size", None) or {}
     size = getattr(ip, "size", None) or {}
@@ -195,7 +195,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
         # Seeded right before anything draws random numbers (LoRA's initial weights among them): a
         # cell's result must not depend on what ran before it in the process, such as its stage 1.
         set_seed(cfg.train.seed)
-        model, processor, lineage = _load(cfg, plan, projector_path)
+        model, processor, lineage = load_cell_model(cfg, plan, projector_path)
         lineage["stage1"] = stage1
         table = parameter_table(model, plan)
         log.info("freeze plan (stage=%s, quant=%s):\n%s", cfg.stage.name, cfg.quant.mode, format_table(table, plan))
@@ -203,7 +203,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
 
         dataset = build_dataset(cfg.data, processor=processor, template=cfg.stage.template,
                                 max_length=cfg.model.max_length, image_aspect=image_aspect_of(cfg),
-                                cache_dir=cache_root(cfg.data.cache_dir), image_size=_image_size(processor),
+                                cache_dir=cache_root(cfg.data.cache_dir), image_size=image_size_of(processor),
                                 image_tokens=image_tokens_of(model), world=cfg.world, progress=cfg.train.progress)
         summary["data"] = _data_report(dataset, cfg)
         if not plan.llm.trainable:
