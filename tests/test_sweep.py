@@ -173,3 +173,14 @@ def test_stage_one_is_shared_by_every_cell_and_seed():
                                     "tiny_world_caption")
             assert kept == ["world=test", "train.max_steps=3", "stage=align", "data=tiny_world_caption", "eval=none",
                             "model.pretrained_projector=null"]
+
+
+def test_logging_settings_do_not_change_a_cells_hash():
+    from vlmablate.config import config_hash
+    from vlmablate.train.stages import learning_config
+
+    base = {"train": {"seed": 0, "progress": True}, "logger": {"name": "none"}, "freeze": {"name": "lora_llm"}}
+    logged = {"train": {"seed": 0, "progress": False}, "logger": {"name": "wandb"}, "freeze": {"name": "lora_llm"}}
+    other = {"train": {"seed": 1, "progress": True}, "logger": {"name": "none"}, "freeze": {"name": "lora_llm"}}
+    assert config_hash(learning_config(base)) == config_hash(learning_config(logged))
+    assert config_hash(learning_config(base)) != config_hash(learning_config(other))

@@ -38,7 +38,7 @@ from vlmablate.report.wandb_log import (
 )
 from vlmablate.train.artifacts import export_merged, save_artifacts
 from vlmablate.train.audit import GradientAudit
-from vlmablate.train.stages import ensure_stage1
+from vlmablate.train.stages import ensure_stage1, learning_config
 from vlmablate.train.trainer import VlmTrainer
 from vlmablate.world.build import ensure_world
 
@@ -173,7 +173,8 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
     if composed is not None and not hydra_config.exists():  # called in-process, not through the Hydra app
         hydra_config.parent.mkdir(exist_ok=True)
         OmegaConf.save(OmegaConf.create(composed), hydra_config)
-    digest = config_hash(composed) if composed is not None else None
+    # Logging settings do not change what a cell learns: turning W&B on does not rerun a finished sweep.
+    digest = config_hash(learning_config(composed)) if composed is not None else None
     done = completed_summary(run_dir, digest)
     if done is not None:  # a sweep run again: this cell already finished with this very config
         log.info("%s already completed with this config (hash %s): skipped", run_dir, digest)

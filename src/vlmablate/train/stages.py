@@ -54,7 +54,8 @@ def stage1_overrides(overrides: list[str], stage1_data: str) -> list[str]:
     return [*kept, "stage=align", f"data={stage1_data}", "eval=none", "model.pretrained_projector=null"]
 
 
-def _hashable(composed: dict) -> dict:
+def learning_config(composed: dict) -> dict:
+    """The composed config without the settings that do not change what a run learns (what hashes name)."""
     out = json.loads(json.dumps(composed, default=str))
     for dotted in _UNHASHED:
         node = out
@@ -71,7 +72,7 @@ def ensure_stage1(overrides: list[str], stage1_data: str, cache_root: Path) -> d
 
     align_overrides = stage1_overrides(overrides, stage1_data)
     cfg, composed = compose_config(align_overrides)
-    key = config_hash(_hashable(composed))
+    key = config_hash(learning_config(composed))
     run_dir = cache_root / "stage1" / f"{cfg.model.name}-{cfg.projector.type}-{key}"
     projector = run_dir / "final" / "projector"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
