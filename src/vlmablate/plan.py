@@ -99,9 +99,7 @@ def _tokenizer_size(checkpoint: str) -> tuple[int, bool]:
 
 def model_config(cfg: ModelConfig, projector_type: str):
     """The Llava / LlavaNext config a run of `cfg` would build, from configs alone."""
-    from transformers import LlavaConfig
-
-    from vlmablate.model.load import DUAL_ENCODERS, PROJECTOR_ACTS, VISION_TOWERS, resolve_checkpoint
+    from vlmablate.model.load import DUAL_ENCODERS, VISION_TOWERS, composed_llava_config, resolve_checkpoint
 
     if cfg.source in ("pretrained", "tiny_random"):
         checkpoint = resolve_checkpoint(cfg, projector_type=projector_type)
@@ -117,13 +115,9 @@ def model_config(cfg: ModelConfig, projector_type: str):
     size, has_image = _tokenizer_size(cfg.llm_checkpoint)
     text.vocab_size = max(size + (0 if has_image else 1), text.vocab_size)  # compose's resize rule
     vision_config = _config_from_dict(vision)
-    n_extra = VISION_TOWERS[vision_config.model_type]
-    strategy = cfg.vision_feature_select_strategy
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    return LlavaConfig(vision_config=vision_config, text_config=text, image_token_index=text.vocab_size - 1,
-                       projector_hidden_act=PROJECTOR_ACTS[projector_type],
-                       vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy=strategy,
-                       image_seq_length=patches + (n_extra if strategy == "full" else 0))
+    # the image token's id does not change any parameter shape: the last row of the vocabulary stands in
+    return composed_llava_config(vision_config, text, text.vocab_size - 1, cfg, projector_type,
+                                 VISION_TOWERS[vision_config.model_type])
 
 
 def meta_model(config) -> nn.Module:

@@ -80,10 +80,15 @@ class MixedDataset(Dataset):
 
     def __init__(self, parts: list[LlavaJsonDataset], indices: list[np.ndarray], scans: list[ScanResult], *,
                  names: list[str], on_bad_sample: str = "error"):
-        self.parts, self.indices, self.scans, self.names = parts, indices, scans, names
+        self.parts, self.scans, self.names = parts, scans, names
         self.on_bad_sample = on_bad_sample
+        self._set_indices(indices)
+
+    def _set_indices(self, indices: list[np.ndarray]) -> None:
+        """Each part's share, and what follows from it: where each part starts, every sample's length."""
+        self.indices = indices
         self.offsets = np.cumsum([0] + [len(ix) for ix in indices]).tolist()
-        self.lengths = np.concatenate([scan.lengths[ix] for scan, ix in zip(scans, indices)]).tolist() \
+        self.lengths = np.concatenate([scan.lengths[ix] for scan, ix in zip(self.scans, indices)]).tolist() \
             if indices else []
 
     @property
@@ -97,9 +102,7 @@ class MixedDataset(Dataset):
     def keep_images_only(self) -> int:
         """Leave the text-only samples out of the mix; return how many there were."""
         before = len(self)
-        self.indices = [ix[scan.lengths[ix] > 0] for scan, ix in zip(self.scans, self.indices)]
-        self.offsets = np.cumsum([0] + [len(ix) for ix in self.indices]).tolist()
-        self.lengths = np.concatenate([scan.lengths[ix] for scan, ix in zip(self.scans, self.indices)]).tolist()
+        self._set_indices([ix[scan.lengths[ix] > 0] for scan, ix in zip(self.scans, self.indices)])
         return before - len(self)
 
     def locate(self, k: int) -> tuple[int, int]:

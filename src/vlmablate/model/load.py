@@ -300,7 +300,8 @@ def _build_composed_checkpoint(folder: Path, cfg: ModelConfig, projector_type: s
     lm = AutoModelForCausalLM.from_pretrained(cfg.llm_checkpoint, dtype="auto", trust_remote_code=trust)
     dtype = lm.dtype  # the whole model is saved in the LLM's dtype
     vision_config, vision_state, n_extra = _load_vision_part(cfg.vision_checkpoint, dtype, trust)
-    config = _compose_config(vision_config, lm.config, tokenizer, cfg, projector_type, n_extra)
+    config = composed_llava_config(vision_config, lm.config, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), cfg,
+                                   projector_type, n_extra)
     model, head_bias = _assemble(config, vision_state, lm, _fresh_projector(config, projector_type, dtype))
     del lm, vision_state
     original_vocab = model.get_input_embeddings().weight.shape[0]
@@ -377,15 +378,16 @@ def _check_compose_features(cfg: ModelConfig, vision_config) -> None:
         )
 
 
-def _compose_config(vision_config, text_config, tokenizer, cfg: ModelConfig, projector_type: str,
-                    n_extra: int) -> LlavaConfig:
+def composed_llava_config(vision_config, text_config, image_token_index: int, cfg: ModelConfig,
+                          projector_type: str, n_extra: int) -> LlavaConfig:
+    """The Llava config of vision tower + LM + projector (what compose builds, and what `plan` counts)."""
     _check_compose_features(cfg, vision_config)
     strategy = cfg.vision_feature_select_strategy
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
     return LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,  # vocab_size is updated when the embeddings are resized
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_token_index=image_token_index,
         projector_hidden_act=PROJECTOR_ACTS[projector_type],
         vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy=strategy,

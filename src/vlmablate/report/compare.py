@@ -239,8 +239,3 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = 1000) -> dict:
     offline = sorted({str(p) for cell in cells for run in cell["runs"]
                       for p in (run["dir"] / "wandb").glob("offline-run-*")})
     return {"rows": rows, "paired": tests, "wandb_offline": offline}
-
-
-def by_cell(rows: list[dict]) -> dict[str, dict]:
-    return {r["cell"]: r for r in rows}
-
