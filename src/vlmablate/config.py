@@ -224,8 +224,25 @@ class TrainConfig:
     dataloader_num_workers: int = 0
     seed: int = 42
     deepspeed: Optional[str] = None  # a name under conf/deepspeed/ (zero2, zero3) or a JSON path
+    # PyTorch FSDP (TrainingArguments.fsdp / fsdp_config): e.g. "full_shard auto_wrap"; "" = off.
+    fsdp: str = ""
+    fsdp_config: Optional[dict[str, Any]] = None
+    # DDP: whether some trainable parameter can miss a step's graph (null: decided from the plan and
+    # the data: a mix with text-only samples leaves the vision side out of those steps).
+    ddp_find_unused_parameters: Optional[bool] = None
+    ddp_backend: Optional[str] = None  # null: gloo on CPU, nccl on CUDA (accelerate's choice)
     use_cpu: bool = False
     export_merged: bool = False  # LoRA runs: also write a merged Llava checkpoint
+    # Resume: null = start fresh; auto = the newest complete checkpoint in the run directory (a fresh
+    # start when there is none); or a checkpoint folder.
+    resume: Optional[str] = None
+    # On SIGTERM (preemption, scancel): write a checkpoint at the end of the current step, then stop.
+    checkpoint_on_sigterm: bool = True
+    # torch.use_deterministic_algorithms, cuDNN deterministic, no cuDNN benchmark, CUBLAS workspace
+    # (TrainingArguments.full_determinism): identical results on a GPU too, at a cost in speed.
+    deterministic: bool = False
+    # Record which records each optimizer step trained on (all ranks) in data_order.json.
+    record_data_order: bool = False
 
 
 @dataclass

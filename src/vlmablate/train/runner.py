@@ -79,7 +79,9 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path) -> TrainingArguments:
+def training_arguments(cfg: RunConfig, run_dir: Path, *, find_unused: bool | None = None) -> TrainingArguments:
+    """Trainer's arguments from the preset. Under DeepSpeed ZeRO-3 they must exist before the model is
+    loaded (from_pretrained then partitions the weights as it loads them)."""
     t = cfg.train
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
@@ -107,6 +109,11 @@ def training_arguments(cfg: RunConfig, run_dir: Path) -> TrainingArguments:
         dataloader_num_workers=t.dataloader_num_workers,
         seed=t.seed,
         deepspeed=deepspeed_config(t.deepspeed),
+        fsdp=t.fsdp,
+        fsdp_config=dict(t.fsdp_config) if t.fsdp_config else None,
+        ddp_find_unused_parameters=find_unused if find_unused is not None else t.ddp_find_unused_parameters,
+        ddp_backend=t.ddp_backend,
+        full_determinism=t.deterministic,
         use_cpu=t.use_cpu,
         report_to=["wandb"] if cfg.logger.name == "wandb" else [],
         remove_unused_columns=False,  # the collator already yields model inputs only
