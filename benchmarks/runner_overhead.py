@@ -60,6 +60,7 @@ def hand_written_loop(cfg, steps: int) -> float:
     tokens, step, start = 0, 0, time.perf_counter()
     while step < steps:
         for batch in loader:
+            batch.pop("sample_index", None)  # bookkeeping the runner's trainer takes out, as here
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from vlmablate.config import register_configs
+from vlmablate.train.distributed import replica_overrides
 
 register_configs()
 
@@ -17,5 +20,11 @@ def main(cfg: DictConfig) -> float | None:
     return run_from_hydra(cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    # Under torchrun / accelerate launch, ranks other than 0 keep no Hydra files or log file of their own.
+    sys.argv += replica_overrides()
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -14,8 +14,9 @@ class LlavaCollator:
     """Pads `input_ids` / `labels`, builds `attention_mask` and stacks the images of the batch.
 
     Only model inputs come out: `input_ids`, `attention_mask`, `labels`, and `pixel_values` /
-    `image_sizes` when at least one sample has an image; plus `bad_samples` (reasons) when a record
-    had to be skipped while encoding, which the trainer takes out before the forward. Text-only
+    `image_sizes` when at least one sample has an image; plus `sample_index` (the records' positions
+    in the mix) and `bad_samples` (reasons) when a record had to be skipped while encoding, which the
+    trainer takes out before the forward. Text-only
     samples add no pixel rows; the
     model places image features by the image tokens in `input_ids`, so the images only have to be
     in batch order.
@@ -39,6 +40,8 @@ class LlavaCollator:
         sizes = [f["image_sizes"] for f in features if f.get("image_sizes") is not None]
         if sizes:
             batch["image_sizes"] = torch.cat(sizes, dim=0)
+        if all("sample_index" in f for f in features):  # which records of the mix (the trainer takes it out)
+            batch["sample_index"] = [int(f["sample_index"]) for f in features]
         bad = [reason for f in features for reason in f.get("bad_samples", ())]
         if bad:  # records skipped while encoding (data.on_bad_sample=skip); the trainer counts and removes them
             batch["bad_samples"] = bad

@@ -111,6 +111,10 @@ class MixedDataset(Dataset):
         return p, int(self.indices[p][k - self.offsets[p]])
 
     def __getitem__(self, k: int) -> dict:
+        """Sample `k` of the mix, with `sample_index` = k (what `train.record_data_order` records)."""
+        return {**self._encode(k), "sample_index": k}
+
+    def _encode(self, k: int) -> dict:
         p, record = self.locate(k)
         try:
             return self.parts[p][record]

@@ -90,6 +90,56 @@ def load_trainables(model: nn.Module, path: str | os.PathLike) -> list[str]:
     return list(state)
 
 
+def load_artifacts(model: nn.Module, plan: FreezePlan, folder: str | os.PathLike) -> list[str]:
+    """Put what `save_artifacts` wrote back into `model` (a resume); return the files read.
+
+    The inverse of `save_artifacts`, tensor for tensor: a resumed run continues from the very weights
+    its checkpoint holds.
+    """
+    folder = Path(folder)
+    read: list[str] = []
+    if plan.uses_lora:
+        from peft import set_peft_model_state_dict
+
+        adapter = folder / "adapter"
+        result = set_peft_model_state_dict(model, load_file(str(adapter / "adapter_model.safetensors")))
+        if result.unexpected_keys:
+            raise KeyError(f"{adapter}: {len(result.unexpected_keys)} tensors fit no adapter weight of the model, "
+                           f"e.g. {result.unexpected_keys[:3]}")
+        read.append(str(adapter))
+        if (folder / NON_LORA_FILE).exists():
+            load_trainables(model, folder / NON_LORA_FILE)
+            read.append(str(folder / NON_LORA_FILE))
+        return read
+    if plan.projector.trainable:
+        from vlmablate.model.projector_io import load_projector
+
+        load_projector(model, folder / "projector", projector_type=plan.projector_type)
+        read.append(str(folder / "projector"))
+    if plan.llm.mode == "full":
+        _load_full(unwrap(model), folder / "model")
+        read.append(str(folder / "model"))
+    elif (folder / TRAINABLES_FILE).exists():
+        load_trainables(model, folder / TRAINABLES_FILE)
+        read.append(str(folder / TRAINABLES_FILE))
+    return read
+
+
+def _load_full(model: nn.Module, folder: Path) -> None:
+    """A `save_pretrained` folder (one safetensors file or an index of shards) back into `model`."""
+    index = folder / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(folder / name)))
+    # Tied weights (lm_head with the embeddings) are saved once; strict loading would call them missing.
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise KeyError(f"{folder}: {len(result.unexpected_keys)} tensors fit no parameter of the model, "
+                       f"e.g. {result.unexpected_keys[:3]}")
+
+
 def export_merged(checkpoint: str, folder: str | os.PathLike, artifacts_dir: str | os.PathLike,
                   *, dtype: torch.dtype = torch.float32) -> str:
     """A merged Llava checkpoint (base + LoRA + non-LoRA trainables) loadable by `from_pretrained`.

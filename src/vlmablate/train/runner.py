@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import resource
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,8 +38,10 @@ from vlmablate.report.wandb_log import (
     log_predictions,
     start_wandb,
 )
-from vlmablate.train.artifacts import export_merged, save_artifacts
+from vlmablate.train import distributed as dist
+from vlmablate.train.artifacts import export_merged
 from vlmablate.train.audit import GradientAudit
+from vlmablate.train.checkpoints import resolve_resume
 from vlmablate.train.stages import ensure_stage1, learning_config
 from vlmablate.train.trainer import VlmTrainer
 from vlmablate.world.build import ensure_world
@@ -51,15 +55,11 @@ def compute_dtype(cfg: RunConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.train.bf16 else torch.float16 if cfg.train.fp16 else torch.float32
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def gradient_accumulation(cfg: RunConfig) -> int:
     """The preset's accumulation, or the one that gives the stage's global batch."""
     if cfg.train.gradient_accumulation_steps is not None:
         return cfg.train.gradient_accumulation_steps
-    per_step = cfg.train.per_device_train_batch_size * world_size()
+    per_step = cfg.train.per_device_train_batch_size * dist.world_size()
     if not cfg.stage.global_batch_size:
         return 1
     return max(1, round(cfg.stage.global_batch_size / per_step))
@@ -174,23 +174,33 @@ def _data_report(dataset: MixedDataset, cfg: RunConfig) -> dict:
 
 
 def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, overrides: list[str] = ()) -> dict:
-    """Train one cell; write `summary.json` into `run_dir` whatever happens; return the summary."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Train one cell; write `summary.json` into `run_dir` whatever happens; return the summary.
+
+    Under torchrun every rank calls this with the same `run_dir`; rank 0 alone writes into it.
+    """
+    main = dist.is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        cfg = replace(cfg, train=replace(cfg.train, progress=False))
     hydra_config = run_dir / ".hydra" / "config.yaml"
-    if composed is not None and not hydra_config.exists():  # called in-process, not through the Hydra app
+    if main and composed is not None and not hydra_config.exists():  # called in-process, not through Hydra
         hydra_config.parent.mkdir(exist_ok=True)
         OmegaConf.save(OmegaConf.create(composed), hydra_config)
     # Logging settings do not change what a cell learns: turning W&B on does not rerun a finished sweep.
     digest = config_hash(learning_config(composed)) if composed is not None else None
-    done = completed_summary(run_dir, digest)
+    done = dist.broadcast(completed_summary(run_dir, digest))
     if done is not None:  # a sweep run again: this cell already finished with this very config
         log.info("%s already completed with this config (hash %s): skipped", run_dir, digest)
         return done
     summary: dict = {"status": "failed", "run_dir": str(run_dir), "config_hash": digest, "seed": cfg.train.seed,
-                     "cell": {"name": cfg.cell.name, "label": cfg.cell.label}}
+                     "cell": {"name": cfg.cell.name, "label": cfg.cell.label}, "world_size": dist.world_size()}
     wandb_run = None
     try:
         validate(cfg, overrides)
+        # Before the model loads: under DeepSpeed ZeRO-3, from_pretrained partitions weights as it reads them.
+        args = training_arguments(cfg, run_dir)
+        resume = resolve_resume(cfg.train.resume, Path(args.output_dir))
         plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage,
                             lr_scale=cfg.train.lr_scale)
         projector_path, stage1 = cfg.model.pretrained_projector, None
@@ -224,15 +234,19 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
             if len(dataset) == 0:
                 raise DataError(f"data={cfg.data.name} has no image samples, and with the LLM frozen only image "
                                 "samples reach a trainable parameter")
+        if cfg.train.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = find_unused_parameters(plan, dataset.lengths)
 
-        wandb_run = start_wandb(cfg.logger, flat_config(composed or {}), run_dir=run_dir, job_type=cfg.stage.name,
-                                tags=[f"stage:{cfg.stage.name}", f"freeze:{cfg.freeze.name}",
-                                      f"vision:{cfg.vision.policy}", f"quant:{cfg.quant.mode}",
-                                      f"cell:{cfg.cell.name}"])
+        if main:
+            wandb_run = start_wandb(cfg.logger, flat_config(composed or {}), run_dir=run_dir,
+                                    job_type=cfg.stage.name,
+                                    tags=[f"stage:{cfg.stage.name}", f"freeze:{cfg.freeze.name}",
+                                          f"vision:{cfg.vision.policy}", f"quant:{cfg.quant.mode}",
+                                          f"cell:{cfg.cell.name}"])
         plan_record = {"config": composed, "plan": plan.to_dict(), "params": table, "lineage": lineage}
         trainer = VlmTrainer(
             model=model,
-            args=training_arguments(cfg, run_dir),
+            args=args,
             train_dataset=dataset,
             data_collator=LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id),
             processing_class=processor,
@@ -241,17 +255,32 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
             sampler=cfg.stage.sampler,
             lengths=dataset.lengths,
             bad_budget=(summary["data"]["records"], summary["data"]["bad"], cfg.data.max_bad_fraction),
+            record_data_order=cfg.train.record_data_order,
+            checkpoint_on_sigterm=cfg.train.checkpoint_on_sigterm,
         )
+        summary["determinism"] = determinism_record(cfg, args)
         audit = GradientAudit(step_had_images=lambda: trainer.timer.images_in_step > 0)
         trainer.add_callback(audit)
         start = time.perf_counter()
-        output = trainer.train()
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         wall = time.perf_counter() - start
+        if trainer.sigterm is not None and trainer.sigterm.stopped_at is not None:
+            step = trainer.sigterm.stopped_at
+            summary["status"] = "interrupted"
+            summary["interrupted_at_step"] = step
+            raise Interrupted(f"stopped by SIGTERM at step {step}; checkpoint {args.output_dir}/checkpoint-{step} "
+                              "is complete: run again with train.resume=auto to continue")
 
         summary["train"] = _train_summary(trainer, output.metrics, wall)
+        summary["train"]["resumed_from"] = str(resume) if resume else None
         summary["train"]["gradient_audit"] = audit.report
-        summary["data"]["bad_at_encode"] = dict(sorted(trainer.bad_at_encode.items()))
-        artifacts = save_artifacts(trainer.model, plan, run_dir / "final", processor=processor, plan_record=plan_record)
+        summary["data"]["bad_at_encode"] = summary["train"].pop("bad_at_encode")
+        if trainer.data_order is not None:
+            summary["train"]["data_order"] = _write_data_order(trainer, run_dir)
+        trainer.save_model(str(run_dir / "final"))  # every rank: ZeRO-3 gathers before rank 0 writes
+        if not main:
+            return summary
+        artifacts = trainer.saved_artifacts
         if cfg.train.export_merged and plan.uses_lora:
             artifacts["merged"] = export_merged(lineage["checkpoint"], run_dir / "final" / "merged",
                                                 run_dir / "final")
@@ -266,8 +295,55 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
         summary["error"] = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        _write_json(run_dir / "summary.json", summary)
-        finish_wandb(wandb_run, summary)
+        if main:
+            _write_json(run_dir / "summary.json", summary)
+            finish_wandb(wandb_run, summary)
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on SIGTERM after writing a complete checkpoint (the summary says `interrupted`)."""
+
+
+def find_unused_parameters(plan: FreezePlan, lengths: list[int]) -> bool:
+    """Whether DDP must look for trainable parameters a step leaves out of its graph.
+
+    Parameters past `vision_feature_layer` are frozen by the plan (they never reach the output), so
+    the only gap is a text-only micro-batch, which skips the vision tower and the projector. Looking
+    costs a graph traversal per step, so it is on only when the data has text-only samples and a
+    vision-side component trains.
+    """
+    vision_side_trains = plan.projector.trainable or plan.vision.trainable
+    return vision_side_trains and any(n < 0 for n in lengths)
+
+
+def determinism_record(cfg: RunConfig, args: TrainingArguments) -> dict:
+    """The seed and the settings that make a run repeatable, as they stand once Trainer applied them."""
+    return {
+        "seed": args.seed,
+        "data_seed": cfg.data.seed,
+        "train.deterministic": cfg.train.deterministic,
+        "torch.use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn.deterministic": torch.backends.cudnn.deterministic,
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "device": str(args.device),
+        "world_size": args.world_size,
+    }
+
+
+def _write_data_order(trainer: VlmTrainer, run_dir: Path) -> dict:
+    """Every rank's records per optimizer step, merged into `data_order.json` (rank 0); its digest for the summary."""
+    merged: dict[int, list[int]] = {}
+    for part in dist.gather(trainer.data_order):
+        for step, indices in part.items():
+            merged.setdefault(int(step), []).extend(indices)
+    order = {str(step): sorted(merged[step]) for step in sorted(merged)}
+    text = json.dumps(order)
+    if dist.is_main():
+        (run_dir / "data_order.json").write_text(text)
+    records = [i for v in order.values() for i in v]
+    return {"steps": len(order), "records": len(records), "distinct": len(set(records)),
+            "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def completed_summary(run_dir: Path, digest: str | None) -> dict | None:
@@ -283,22 +359,29 @@ def completed_summary(run_dir: Path, digest: str | None) -> dict | None:
 
 
 def _train_summary(trainer: VlmTrainer, metrics: dict, wall: float) -> dict:
+    """What training did, summed over the ranks (each counts its own micro-batches)."""
     curve = [[e["step"], round(e["loss"], 5)] for e in trainer.state.log_history if "loss" in e]
     losses = [loss for _, loss in curve]
     training_s = trainer.timer.seconds or wall
+    parts = dist.gather(trainer.progress())
+    tokens, padded = sum(p["real_tokens"] for p in parts), sum(p["padded_tokens"] for p in parts)
+    bad = sum((Counter(p["bad_at_encode"]) for p in parts), Counter())
+    steps = trainer.state.global_step
     return {
-        "steps": trainer.state.global_step,
+        "steps": steps,
         "wall_clock_s": round(wall, 3),  # the whole trainer.train() call, set-up and checkpoints included
         "setup_s": round(wall - training_s, 3),  # Trainer's one-time loader / optimizer / accelerator set-up
-        "tokens": trainer.real_tokens,
-        "tokens_per_s": round(trainer.real_tokens / training_s, 2) if training_s > 0 else 0.0,
-        "padding_efficiency": round(trainer.real_tokens / trainer.padded_tokens, 4) if trainer.padded_tokens else None,
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / training_s, 2) if training_s > 0 else 0.0,
+        "padding_efficiency": round(tokens / padded, 4) if padded else None,
         "peak_mem_mb": round(peak_memory_mb(), 1),
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
-        "train_loss": metrics.get("train_loss"),
-        "samples_seen": trainer.samples_seen,
-        "fully_masked_samples": trainer.fully_masked_samples,
+        # Over the whole run, also across a resume (Trainer's own metric covers the last train() call only).
+        "train_loss": trainer._total_loss_scalar / steps if steps else metrics.get("train_loss"),
+        "samples_seen": sum(p["samples_seen"] for p in parts),
+        "fully_masked_samples": sum(p["fully_masked_samples"] for p in parts),
+        "bad_at_encode": dict(sorted(bad.items())),
         "loss_curve": curve,  # (step, mean loss over the logging window ending there)
     }
 
@@ -315,11 +398,19 @@ def run_from_hydra(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    dist.quiet_replica_logging()
     composed = OmegaConf.to_container(cfg, resolve=True)
     run_cfg = to_run_config(cfg)
+    # Under torchrun each rank's Hydra stamped its own directory: all follow rank 0's. TrainingArguments
+    # creates the process group (as Trainer would: gloo on CPU, NCCL on CUDA, DeepSpeed's own init).
+    run_dir = dist.agree_on_run_dir(Path(hydra_cfg.runtime.output_dir),
+                                    lambda: training_arguments(run_cfg, Path(hydra_cfg.runtime.output_dir)))
     try:
         summary = run(run_cfg, run_dir, composed=composed, overrides=list(hydra_cfg.overrides.task))
+    except Interrupted as stop:
+        # Preempted: the exit status says so (128 + SIGTERM), so a scheduler can requeue the job.
+        log.warning("%s", stop)
+        raise SystemExit(143) from stop
     except Exception:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise
@@ -327,7 +418,7 @@ def run_from_hydra(cfg: DictConfig) -> float | None:
         # failed, the report shows it, and the next invocation runs it again.
         log.exception("cell %s failed; the sweep goes on", run_dir)
         return None
-    if summary.get("status") != "completed":
+    if summary.get("status") != "completed" or not dist.is_main():
         return None
     train, mmbench = summary["train"], summary["eval"].get("mmbench")
     plan = resolve_plan(run_cfg.vision, run_cfg.projector, run_cfg.freeze, run_cfg.quant, run_cfg.stage,

@@ -7,18 +7,25 @@ from the resolved `FreezePlan` instead of from flags scattered across scripts.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmablate.data.errors import DataError
 from vlmablate.data.sampler import RankBatchSampler
 from vlmablate.data.templates import IGNORE_INDEX
 from vlmablate.model.plan import FreezePlan
-from vlmablate.train.artifacts import save_artifacts
+from vlmablate.train import checkpoints
+from vlmablate.train import distributed as dist
+from vlmablate.train.artifacts import load_artifacts, save_artifacts
 from vlmablate.train.optim import parameter_groups
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,54 @@ class TrainTimer(TrainerCallback):
         return (self.end - self.start) if self.start is not None and self.end is not None else 0.0
 
 
+class StopOnSigterm(TrainerCallback):
+    """SIGTERM (preemption, `scancel`, `kill`): finish the current step, write a checkpoint, stop.
+
+    The ranks agree at every step end (one all-reduce of a flag), so a signal seen by one rank stops
+    them all at the same step. `stopped_at` is the step of that checkpoint.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: writing a checkpoint at the end of this step, then stopping")
+        self.requested = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if dist.any_rank(self.requested, device=args.device):
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+class _ResumedLoss(TrainerCallback):
+    """Put a checkpoint's loss bookkeeping back after Trainer reset its own at the start of train()."""
+
+    def __init__(self, trainer: "VlmTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        loss = self.trainer.loss_state
+        if loss is None:
+            return
+        self.trainer._tr_loss.fill_(loss["window"])
+        self.trainer._total_loss_scalar = loss["total"]
+        self.trainer._globalstep_last_logged = loss["last_logged"]
+        self.trainer.loss_state = None
+
+
 @contextmanager
 def _frozen_quantized_llm_allowed(model, plan: FreezePlan):
     """Let Trainer take a quantized model whose trainable parameters are all full precision.
@@ -80,9 +135,21 @@ def _frozen_quantized_llm_allowed(model, plan: FreezePlan):
 
 class VlmTrainer(Trainer):
     def __init__(self, *args, plan: FreezePlan, plan_record: dict, sampler: str = "random",
-                 lengths: list[int] | None = None, bad_budget: tuple[int, int, float] | None = None, **kwargs):
+                 lengths: list[int] | None = None, bad_budget: tuple[int, int, float] | None = None,
+                 record_data_order: bool = False, checkpoint_on_sigterm: bool = True, **kwargs):
         with _frozen_quantized_llm_allowed(kwargs.get("model"), plan):
             super().__init__(*args, **kwargs)
+        # Rotation happens here, after a checkpoint is marked complete (see checkpoints.py), not in Trainer.
+        self.keep_checkpoints = self.args.save_total_limit
+        self.args.save_total_limit = None
+        self.sigterm = StopOnSigterm() if checkpoint_on_sigterm else None
+        if self.sigterm is not None:
+            self.add_callback(self.sigterm)
+        # optimizer step -> dataset indices this rank trained on in it (train.record_data_order)
+        self.data_order: dict[int, list[int]] | None = {} if record_data_order else None
+        self.loss_state: dict | None = None
+        self.saved_artifacts: dict[str, str] = {}  # what the last save wrote (rank 0)
+        self.add_callback(_ResumedLoss(self))
         self.sampler_kind = sampler
         self.lengths = lengths  # LLaVA's modality lengths: > 0 with an image, < 0 text-only
         # (records, bad records found by the scan, data.max_bad_fraction): encoding failures add to it
@@ -136,7 +203,10 @@ class VlmTrainer(Trainer):
         bad = inputs.pop("bad_samples", None)
         if bad:
             self._count_bad(bad)
+        indices = inputs.pop("sample_index", None)
         if model.training:
+            if self.data_order is not None and indices is not None:
+                self.data_order.setdefault(self.state.global_step + 1, []).extend(indices)
             labels = inputs["labels"]
             self.real_tokens += int(inputs["attention_mask"].sum())
             self.padded_tokens += inputs["attention_mask"].numel()
@@ -165,12 +235,67 @@ class VlmTrainer(Trainer):
                 "the loss teaches nothing. Check the stage's template against the tokenizer and model.max_length."
             )
 
+    # --- progress: what a resumed run must carry on counting ------------------------------------------
+    def progress(self) -> dict:
+        # Trainer's loss bookkeeping too: the logging window open at the checkpoint continues after a resume,
+        # so the loss curve and train_loss come out as if the run had never stopped.
+        loss = {"window": self._tr_loss.item(), "total": self._total_loss_scalar,
+                "last_logged": self._globalstep_last_logged}
+        return {"loss": loss, "real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens,
+                "fully_masked_samples": self.fully_masked_samples, "samples_seen": self.samples_seen,
+                "bad_at_encode": dict(self.bad_at_encode),
+                "data_order": None if self.data_order is None else {str(k): v for k, v in self.data_order.items()}}
+
+    def _restore_progress(self, progress: dict) -> None:
+        self.loss_state = progress["loss"]  # applied once Trainer has set its own up (on_train_begin)
+        self.real_tokens = progress["real_tokens"]
+        self.padded_tokens = progress["padded_tokens"]
+        self.fully_masked_samples = progress["fully_masked_samples"]
+        self.samples_seen = progress["samples_seen"]
+        self.bad_at_encode = Counter(progress["bad_at_encode"])
+        if self.data_order is not None and progress["data_order"] is not None:
+            self.data_order = {int(k): v for k, v in progress["data_order"].items()}
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        if resume_from_checkpoint is not None:
+            self._restore_progress(checkpoints.load_progress(Path(resume_from_checkpoint), self.args.process_index))
+            log.info("resuming from %s (step %s)", resume_from_checkpoint,
+                     checkpoints.step_of(Path(resume_from_checkpoint)))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The plan's artifacts back into the model (DeepSpeed and FSDP restore their own engine state)."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_artifacts(self.model, self.plan, resume_from_checkpoint)
+
     # --- saving ----------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        checkpoints.save_progress(folder, self.args.process_index, self.progress())
+        dist.barrier()  # every rank's RNG state and progress are on disk before the mark
+        if self.args.should_save:
+            checkpoints.mark_complete(folder, self.state.global_step)
+            checkpoints.rotate(folder.parent, self.keep_checkpoints)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not is_deepspeed_zero3_enabled():
+            return super().save_model(output_dir, _internal_call)
+        # ZeRO-3 partitions every parameter (shape [0] on each rank): gather what the plan trains on all
+        # ranks (small: projector, LoRA; the whole model for a full fine-tune), then rank 0 writes it.
+        import deepspeed
+
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+            self._save(output_dir)
+        dist.barrier()
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints keep what the plan trains (see `artifacts.py`), not a copy of frozen weights."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        save_artifacts(self.model, self.plan, output_dir, processor=self.processing_class,
-                       plan_record=self.plan_record)
+        self.saved_artifacts = save_artifacts(self.model, self.plan, output_dir, processor=self.processing_class,
+                                              plan_record=self.plan_record)
         torch.save(self.args, f"{output_dir}/training_args.bin")

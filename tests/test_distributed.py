@@ -1,0 +1,117 @@
+"""Data parallel on the CPU for real: torchrun / accelerate launch with gloo, checked against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# The same global batch of 8 either way: one process × 8, or two processes × 4.
+TINY = ("model=tiny_random", "world=test", "train=cpu_tiny", "train.progress=false", "freeze=lora_llm",
+        "vision=unfrozen", "eval=none", "train.max_steps=6", "train.logging_steps=1", "train.record_data_order=true")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env
+
+
+def one_process(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlmablate", *overrides], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def two_processes(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "vlmablate", *overrides], cwd=cwd, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+
+
+def only_run_dir(cwd: Path) -> Path:
+    """The run directories Hydra made under cwd/outputs (there must be exactly one)."""
+    found = [d for d in (cwd / "outputs").glob("*/*") if d.is_dir()]
+    assert len(found) == 1, f"expected one run directory, found {found}"
+    return found[0]
+
+
+def check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    check(one_process(tmp_path / "one", *TINY, "train.per_device_train_batch_size=8"))
+    ddp = two_processes(tmp_path / "two", *TINY, "train.per_device_train_batch_size=4")
+    check(ddp)
+    one = json.loads((only_run_dir(tmp_path / "one") / "summary.json").read_text())
+    # Hydra stamps each rank's directory with its own clock; rank 0's is the one both used.
+    run_dir = only_run_dir(tmp_path / "two")
+    two = json.loads((run_dir / "summary.json").read_text())
+
+    assert one["status"] == two["status"] == "completed"
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["determinism"]["world_size"] == 2
+    # The same records in every step: rank 0 and rank 1 together train on exactly one process's batch.
+    assert one["train"]["data_order"] == two["train"]["data_order"]
+    assert two["train"]["data_order"] == {"steps": 6, "records": 48, "distinct": 48,
+                                          "sha256": two["train"]["data_order"]["sha256"]}
+    order = json.loads((run_dir / "data_order.json").read_text())
+    assert order == json.loads((only_run_dir(tmp_path / "one") / "data_order.json").read_text())
+    # Summed over both ranks: as many samples and tokens as the one process saw.
+    assert two["train"]["samples_seen"] == one["train"]["samples_seen"] == 48
+    assert two["train"]["tokens"] == one["train"]["tokens"]
+    # Gradients are averaged over the ranks: the same losses up to float summation order.
+    steps_one, losses_one = zip(*one["train"]["loss_curve"])
+    steps_two, losses_two = zip(*two["train"]["loss_curve"])
+    assert steps_one == steps_two == (1, 2, 3, 4, 5, 6)
+    assert losses_two == pytest.approx(losses_one, abs=2e-3)
+    assert losses_one[-1] < losses_one[0]  # it learns
+
+    # Only rank 0 wrote: one summary, one log file without rank 1's lines, one Hydra folder.
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "__main__.log", "checkpoints", "data_order.json",
+                                                         "final", "summary.json"]
+    assert "[rank1]" not in (run_dir / "__main__.log").read_text()
+    assert ddp.stdout.count("what trained:") == 1
+    # Both ranks' RNG states are in the checkpoint, which is marked complete once.
+    checkpoint = run_dir / "checkpoints" / "checkpoint-6"
+    assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert {p.name for p in checkpoint.glob("progress.rank*.json")} == {"progress.rank0.json", "progress.rank1.json"}
+    assert json.loads((checkpoint / "COMPLETE").read_text()) == {"step": 6}
+
+
+def test_unfrozen_vision_with_the_penultimate_layer_trains_without_looking_for_unused_parameters(tmp_path):
+    # LLaVA's features come from layer -2, so the last encoder block never reaches the loss; DDP without
+    # find_unused_parameters fails on such a parameter. The plan freezes it, so DDP never waits for it.
+    proc = two_processes(tmp_path, "model=tiny_random", "world=test", "train=cpu_tiny", "train.progress=false",
+                         "stage=align", "data=tiny_world_caption", "freeze=frozen_llm", "vision=unfrozen",
+                         "eval=none", "train.max_steps=3", "train.per_device_train_batch_size=4",
+                         "train.ddp_find_unused_parameters=false", "model.vision_feature_layer=-2")
+    check(proc)
+    s = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
+    assert s["status"] == "completed" and s["train"]["steps"] == 3
+    vision = s["params"]["components"]["vision"]
+    # tiny_random's encoder: blocks of 8,544 parameters (hidden 32, MLP 64) and a post-layernorm of 64, which the
+    # penultimate layer's features skip: the last block and the post-layernorm are what is unused.
+    assert (vision["total"], vision["unused"], vision["trainable"]) == (32480, 8608, 23872)
+    assert s["train"]["gradient_audit"]["trainable_tensors_with_grad"] > 0
+
+
+def test_accelerate_launch_runs_the_same_job(tmp_path):
+    # `--cpu` would make accelerate start one process (it leaves multi-CPU to mpirun); `--multi_gpu` is its
+    # torchrun launcher, and the train preset's use_cpu puts the ranks on gloo.
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+                           "-m", "vlmablate", *TINY, "train.per_device_train_batch_size=4", "train.max_steps=2"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    check(proc)
+    s = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
+    assert s["status"] == "completed" and s["world_size"] == 2 and s["train"]["samples_seen"] == 16
