@@ -126,18 +126,15 @@ def load_artifacts(model: nn.Module, plan: FreezePlan, folder: str | os.PathLike
 
 
 def _load_full(model: nn.Module, folder: Path) -> None:
-    """A `save_pretrained` folder (one safetensors file or an index of shards) back into `model`."""
-    index = folder / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-             else ["model.safetensors"])
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(str(folder / name)))
-    # Tied weights (lm_head with the embeddings) are saved once; strict loading would call them missing.
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise KeyError(f"{folder}: {len(result.unexpected_keys)} tensors fit no parameter of the model, "
-                       f"e.g. {result.unexpected_keys[:3]}")
+    """A `save_pretrained` folder back into `model`, in place.
+
+    transformers names tensors on disk in the hub layout, not by the live model's attributes, so the
+    folder is read by `from_pretrained` (which maps the names) and its weights copied across.
+    """
+    saved = type(model).from_pretrained(str(folder), dtype=next(model.parameters()).dtype)
+    with torch.no_grad():
+        model.load_state_dict(saved.state_dict(), strict=True)
+    del saved
 
 
 def export_merged(checkpoint: str, folder: str | os.PathLike, artifacts_dir: str | os.PathLike,

@@ -326,6 +326,7 @@ def determinism_record(cfg: RunConfig, args: TrainingArguments) -> dict:
         "cudnn.deterministic": torch.backends.cudnn.deterministic,
         "cudnn.benchmark": torch.backends.cudnn.benchmark,
         "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "CUDA_LAUNCH_BLOCKING": os.environ.get("CUDA_LAUNCH_BLOCKING"),  # set by full determinism: slow on GPUs
         "device": str(args.device),
         "world_size": args.world_size,
     }
