@@ -115,3 +115,21 @@ def test_accelerate_launch_runs_the_same_job(tmp_path):
     check(proc)
     s = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
     assert s["status"] == "completed" and s["world_size"] == 2 and s["train"]["samples_seen"] == 16
+
+
+def test_the_main_job_under_torchrun_trains_stage_one_together_and_evaluates_once(tmp_path):
+    env = {**_env(), "VLMABLATE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "vlmablate", "world=test", "train.progress=false", "train.max_steps=4",
+                           "train.per_device_train_batch_size=4"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    check(proc)
+    s = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
+    assert s["status"] == "completed" and s["world_size"] == 2 and s["train"]["samples_seen"] == 32
+    # Stage 1 was not cached: both ranks trained it together, and rank 0 alone wrote it.
+    stage1 = json.loads((Path(s["lineage"]["stage1"]["run_dir"]) / "summary.json").read_text())
+    assert s["lineage"]["stage1"]["reused"] is False
+    assert stage1["world_size"] == 2 and stage1["train"]["samples_seen"] == 32
+    # Evaluation ran once, on rank 0: one evaluation log line, the benchmark scored on every question.
+    assert proc.stdout.count("MMBench (generate)") + proc.stderr.count("MMBench (generate)") == 1
+    assert s["eval"]["mmbench"]["n_questions"] == 40

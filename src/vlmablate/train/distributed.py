@@ -46,6 +46,8 @@ def _initialized() -> bool:
 def broadcast(value, *, from_rank: int = 0):
     """Rank `from_rank`'s `value` on every rank (the value itself in one process)."""
     if not _initialized():
+        if is_distributed():
+            raise RuntimeError("broadcast across ranks before the process group exists (TrainingArguments makes it)")
         return value
     from accelerate.utils import broadcast_object_list
 

@@ -198,9 +198,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
     wandb_run = None
     try:
         validate(cfg, overrides)
-        # Before the model loads: under DeepSpeed ZeRO-3, from_pretrained partitions weights as it reads them.
-        args = training_arguments(cfg, run_dir)
-        resume = resolve_resume(cfg.train.resume, Path(args.output_dir))
+        resume = resolve_resume(cfg.train.resume, run_dir / "checkpoints")
         plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage,
                             lr_scale=cfg.train.lr_scale)
         projector_path, stage1 = cfg.model.pretrained_projector, None
@@ -210,6 +208,9 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
                 projector_path = stage1["projector"]
             else:
                 projector_path = None
+        # After stage 1 (which made its own) and before the model loads: under DeepSpeed ZeRO-3,
+        # from_pretrained partitions the weights as it reads them only while these arguments live.
+        args = training_arguments(cfg, run_dir)
         # Seeded right before anything draws random numbers (LoRA's initial weights among them): a
         # cell's result must not depend on what ran before it in the process, such as its stage 1.
         set_seed(cfg.train.seed)

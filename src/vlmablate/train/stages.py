@@ -9,6 +9,7 @@ config that made it together.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from vlmablate.config import config_hash
+from vlmablate.train import distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +78,12 @@ def ensure_stage1(overrides: list[str], stage1_data: str, cache_root: Path) -> d
     run_dir = cache_root / "stage1" / f"{cfg.model.name}-{cfg.projector.type}-{key}"
     projector = run_dir / "final" / "projector"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(run_dir) + ".lock"):
+    # Under torchrun the ranks train stage 1 together: rank 0 holds the lock against other jobs and
+    # decides whether it is cached, and every rank follows that one decision.
+    with FileLock(str(run_dir) + ".lock") if dist.is_main() else contextlib.nullcontext():
         summary_path = run_dir / "summary.json"
         done = summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "completed"
+        done = dist.broadcast(done)
         if not done:
             log.info("stage 1 (align) for this cell is not cached: training it once into %s", run_dir)
             run(cfg, run_dir, composed=composed, overrides=align_overrides)
