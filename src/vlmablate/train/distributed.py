@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -66,6 +67,17 @@ def gather(value) -> list:
 def barrier() -> None:
     if _initialized():
         torch.distributed.barrier()
+
+
+@contextmanager
+def main_first():
+    """Rank 0 runs the block first, the others after it (caches: `save_pretrained` writes nothing on
+    a rank other than 0 once the process group exists, so rank 0 must be the one that builds them)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
 
 
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:

@@ -22,7 +22,7 @@ from vlmablate.data.dataset import preflight
 from vlmablate.data.errors import DataError
 from vlmablate.data.sources import MixedDataset, build_dataset
 from vlmablate.eval.suite import run_eval
-from vlmablate.model.load import load_model, model_dims
+from vlmablate.model.load import load_model, model_dims, resolve_checkpoint
 from vlmablate.model.plan import (
     FreezePlan,
     apply_plan,
@@ -132,7 +132,9 @@ def resolve_model(cfg: RunConfig) -> ModelConfig:
 
 def load_cell_model(cfg: RunConfig, plan: FreezePlan, projector_path: str | None):
     """Load the model, install the stage-1 projector if given, apply the plan; return model, processor, lineage."""
-    model_cfg = resolve_model(cfg)
+    with dist.main_first():  # builds the world and the composed checkpoint when missing: rank 0 writes them
+        model_cfg = resolve_model(cfg)
+        resolve_checkpoint(model_cfg, projector_type=plan.projector_type)
     if projector_path:
         # Shapes are checked from configs alone, before any weights load.
         check_projector_shapes(projector_path, model_dims(model_cfg, projector_type=plan.projector_type),
