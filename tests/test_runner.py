@@ -154,6 +154,20 @@ def test_wandb_offline_logs_flat_config_and_summary(run_cell, tmp_path, monkeypa
     assert seen["summary"]["params.trainable.total"] == s["params"]["trainable"]["total"]
     assert seen["summary"]["train.final_loss"] == s["train"]["final_loss"]
     assert len(list((tmp_path / "wb" / "wandb").glob("offline-run-*"))) == 1
+    assert "resume" not in init  # offline: each attempt is its own run (online, a resumed run continues its own)
+
+
+def test_a_run_directory_keeps_one_wandb_run_online(tmp_path, monkeypatch):
+    from vlmablate.report.wandb_log import _resume_kwargs
+
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    first = _resume_kwargs(tmp_path, "online")
+    assert first == {"id": (tmp_path / "wandb_run_id").read_text(), "resume": "allow"} and len(first["id"]) == 12
+    assert _resume_kwargs(tmp_path, "online") == first  # the resumed attempt continues the same W&B run
+    assert _resume_kwargs(tmp_path, "offline") == {}
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc")  # under a sweep agent, the agent names the run
+    assert _resume_kwargs(tmp_path, "online") == {}
 
 
 def test_cli_prints_the_composed_config():

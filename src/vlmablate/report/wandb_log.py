@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 from pathlib import Path
 
 from vlmablate.config import LoggerConfig
@@ -41,6 +42,20 @@ def resolve_mode(cfg: LoggerConfig) -> str:
     return "online" if _has_api_key() else "offline"
 
 
+def _resume_kwargs(run_dir: Path, mode: str) -> dict:
+    """One W&B run per run directory: a run resumed after preemption continues its W&B run online
+    (offline, each attempt is its own offline run; `wandb sync` uploads them).
+
+    A W&B sweep agent names its runs itself (WANDB_RUN_ID), so there the agent's id stands.
+    """
+    if mode != "online" or os.environ.get("WANDB_SWEEP_ID") or os.environ.get("WANDB_RUN_ID"):
+        return {}
+    path = run_dir / "wandb_run_id"
+    if not path.exists():
+        path.write_text(secrets.token_hex(6))
+    return {"id": path.read_text().strip(), "resume": "allow"}
+
+
 def start_wandb(cfg: LoggerConfig, config: dict, *, run_dir: Path, job_type: str, tags: list[str]):
     """Start the run (Trainer's W&B callback then logs into it); None when logging is off or fails."""
     if cfg.name != "wandb":
@@ -50,7 +65,7 @@ def start_wandb(cfg: LoggerConfig, config: dict, *, run_dir: Path, job_type: str
 
         run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, job_type=job_type,
                          tags=[*tags, *cfg.tags], config=config, dir=str(run_dir), mode=resolve_mode(cfg),
-                         name=run_dir.name, reinit="finish_previous")
+                         name=run_dir.name, reinit="finish_previous", **_resume_kwargs(run_dir, resolve_mode(cfg)))
         log.info("W&B run %s (%s mode) in %s", run.id, resolve_mode(cfg), run.dir)
         return run
     except Exception as exc:  # tracking is optional; never let it take the run down
