@@ -8,7 +8,7 @@ from conftest import compose_run
 
 from vlmablate.model.plan import parameter_table, resolve_plan
 from vlmablate.plan import count_cell, format_grid, grid_cells, plan_cell
-from vlmablate.train.runner import load_cell_model
+from vlmablate.train.runner import load_cell_model, prepare_model
 
 CELLS = [
     ("vision=frozen", "freeze=frozen_llm"),
@@ -25,7 +25,7 @@ def test_meta_counts_equal_the_runners_counts(arch, cell):
     cfg, _ = compose_run("model=tiny_random", f"model.tiny.arch={arch}", *cell)
     planned, _ = count_cell(cfg)
     plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage, lr_scale=cfg.train.lr_scale)
-    model, _, _ = load_cell_model(cfg, plan, None)  # what the runner loads, quantized for real
+    model, _, _ = load_cell_model(cfg, prepare_model(cfg, plan), plan, None)  # what the runner loads, quantized
     assert planned == parameter_table(model, plan)
 
 

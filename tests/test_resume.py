@@ -175,3 +175,37 @@ def test_same_seed_same_run_and_the_settings_are_recorded(run_cell, restore_dete
     assert all((wa[k] == wb[k]).all() for k in wa)
     c = run_cell("train.max_steps=3", "train.seed=7", name="c")
     assert c["determinism"]["seed"] == 7 and c["train"]["loss_curve"] != a["train"]["loss_curve"]
+
+
+@pytest.mark.parametrize("overrides", [
+    ("freeze=lora_llm", "vision=unfrozen"),   # adapter/ + non_lora_trainables
+    ("freeze=frozen_llm", "vision=last_n"),   # projector/ + trainables
+    ("freeze=full_llm", "vision=frozen"),     # model/
+], ids=["lora", "projector-vision-blocks", "full-llm"])
+def test_artifacts_from_an_engines_state_dict_equal_those_from_the_parameters(tmp_path, overrides):
+    """Under FSDP the parameters are shards and Trainer hands over the gathered state dict, whose keys
+    carry the engine's wrappers: the files written from it are the very files written from the model."""
+    from conftest import compose_run
+
+    from vlmablate.model.plan import resolve_plan
+    from vlmablate.train.artifacts import save_artifacts
+    from vlmablate.train.runner import load_cell_model, prepare_model
+
+    cfg, _ = compose_run("model=tiny_random", "world=test", *overrides)
+    plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage)
+    model, _, _ = load_cell_model(cfg, prepare_model(cfg, plan), plan, None)
+    gathered = {k.replace("layers.0.", "layers.0._fsdp_wrapped_module._checkpoint_wrapped_module."): v
+                for k, v in model.state_dict().items()}
+    assert any("_fsdp_wrapped_module" in k for k in gathered)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    a = save_artifacts(model, plan, tmp_path / "a", plan_record={})
+    b = save_artifacts(model, plan, tmp_path / "b", plan_record={}, state_dict=gathered, trainable=trainable)
+    assert a.keys() == b.keys()
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
+    assert files
+    for rel in files:
+        x, y = load_file(str(tmp_path / "a" / rel)), load_file(str(tmp_path / "b" / rel))
+        assert x.keys() == y.keys() and all((x[k] == y[k]).all() for k in x), rel
+    if plan.projector.trainable:
+        meta = [json.loads((tmp_path / d / "projector" / "projector.json").read_text())["sha256"] for d in "ab"]
+        assert meta[0] == meta[1]

@@ -133,6 +133,9 @@ class QuantConfig:
 
     mode: str = "none"  # none | nf4 | int8
     double_quant: bool = True
+    # nf4's storage dtype (bnb_4bit_quant_storage); null: uint8. FSDP shards only floating-point tensors,
+    # so QLoRA under FSDP stores the 4-bit weights in the model's dtype (bfloat16).
+    storage: Optional[str] = None
 
 
 @dataclass
@@ -351,6 +354,7 @@ _CHOICES = {
     "projector.type": ("mlp2x_gelu", "linear"),
     "freeze.policy": ("frozen", "lora", "full"),
     "quant.mode": ("none", "nf4", "int8"),
+    "quant.storage": (None, "uint8", "bfloat16", "float16", "float32"),
     "stage.name": ("align", "instruct", "single"),
     "stage.template": ("plain", "chat"),
     "stage.image_aspect": ("square", "pad", "anyres"),
@@ -424,6 +428,7 @@ def validate(cfg: RunConfig, overrides: Sequence[str] = ()) -> None:
             raise ConfigError(f"{name}: r must be >= 1, alpha > 0 and 0 <= dropout < 1 (got {lora})")
     if cfg.train.bf16 and cfg.train.fp16:
         raise ConfigError("train.bf16 and train.fp16 are both true; pick one")
+    _validate_sharding(cfg)
     if cfg.model.source == "compose" and not (cfg.model.vision_checkpoint and cfg.model.llm_checkpoint):
         raise ConfigError("model.source=compose needs model.vision_checkpoint and model.llm_checkpoint")
     if cfg.model.source == "pretrained" and not cfg.model.checkpoint:
@@ -449,6 +454,28 @@ def validate(cfg: RunConfig, overrides: Sequence[str] = ()) -> None:
         raise ConfigError(f"cell={cfg.cell.name} is vision={cfg.cell.vision} freeze={cfg.cell.freeze}, but the run has "
                           f"vision={cfg.vision.policy} freeze={cfg.freeze.name}; drop the vision/freeze overrides "
                           "or the cell")
+
+
+def _validate_sharding(cfg: RunConfig) -> None:
+    """DeepSpeed or FSDP, and what QLoRA under FSDP needs (bitsandbytes' FSDP-QLoRA guide)."""
+    quant, fsdp = cfg.quant, bool(cfg.train.fsdp)
+    if cfg.train.deepspeed and fsdp:
+        raise ConfigError(f"train.deepspeed={cfg.train.deepspeed} and train.fsdp={cfg.train.fsdp!r} are both set; "
+                          "pick one")
+    if quant.storage is not None and quant.mode != "nf4":
+        raise ConfigError(f"quant.storage={quant.storage} is the storage dtype of 4-bit weights; quant={quant.mode} "
+                          "has none. Use quant=nf4 or drop quant.storage")
+    if fsdp and quant.mode == "int8":
+        raise ConfigError("quant=int8 under FSDP: FSDP shards only floating-point tensors and 8-bit weights are int8; "
+                          "use quant=nf4 quant.storage=bfloat16 (FSDP-QLoRA)")
+    if fsdp and quant.mode == "nf4":
+        if quant.storage in (None, "uint8"):
+            raise ConfigError("QLoRA under FSDP: FSDP shards only floating-point tensors, so the 4-bit weights need "
+                              "a float storage dtype; set quant.storage=bfloat16 model.torch_dtype=bfloat16")
+        if cfg.model.torch_dtype != quant.storage:
+            raise ConfigError(f"QLoRA under FSDP: model.torch_dtype={cfg.model.torch_dtype} but quant.storage="
+                              f"{quant.storage}; FSDP wraps a layer's weights together only when they share one "
+                              f"dtype, so set model.torch_dtype={quant.storage}")
 
 
 SOURCE_KINDS = ("llava_json", "hf", "tiny_world_caption", "tiny_world_instruct", "synthetic_caption",

@@ -142,6 +142,7 @@ def bnb_config(quant: QuantConfig, *, skip_modules: list[str], compute_dtype: to
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=quant.storage,  # None: uint8; FSDP-QLoRA: the model's float dtype
             llm_int8_skip_modules=list(skip_modules),
         )
     if quant.mode == "int8":

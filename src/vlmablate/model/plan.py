@@ -248,9 +248,14 @@ def _wants_grad(name: str, plan: FreezePlan, n_used_vision: int, unused: set[str
     return policy.mode == "full"
 
 
-def apply_plan(model: nn.Module, plan: FreezePlan, *, gradient_checkpointing: bool = False) -> nn.Module:
-    """Set trainability as the plan says (PEFT-wrapping for LoRA); return the model to train."""
-    if plan.quant != "none":
+def apply_plan(model: nn.Module, plan: FreezePlan, *, gradient_checkpointing: bool = False,
+               sharded: bool = False) -> nn.Module:
+    """Set trainability as the plan says (PEFT-wrapping for LoRA); return the model to train.
+
+    `sharded` (FSDP): the k-bit preparation's fp32 upcast is left out, since FSDP flattens a unit's
+    weights together only when they share one dtype (FSDP-QLoRA keeps everything in bf16).
+    """
+    if plan.quant != "none" and not sharded:
         from peft import prepare_model_for_kbit_training
 
         # PEFT's k-bit preparation: freeze, upcast the non-quantized fp16/bf16 weights, enable input grads.
@@ -268,7 +273,7 @@ def apply_plan(model: nn.Module, plan: FreezePlan, *, gradient_checkpointing: bo
             param.requires_grad_(True)  # PEFT only adds LoRA where the plan asked for it
         else:
             param.requires_grad_(_wants_grad(name, plan, n_used, unused))
-    if gradient_checkpointing and plan.quant == "none" and plan.llm.mode != "full":
+    if gradient_checkpointing and (plan.quant == "none" or sharded) and plan.llm.mode != "full":
         # With frozen input embeddings, reentrant checkpointed blocks see inputs without grad and
         # drop the gradient of everything inside them; this hook makes the embeddings' output require it.
         unwrap(model).enable_input_require_grads()
@@ -278,11 +283,12 @@ def apply_plan(model: nn.Module, plan: FreezePlan, *, gradient_checkpointing: bo
 # --- accounting -----------------------------------------------------------------------------------------
 
 def logical_numel(param: torch.Tensor) -> int:
-    """Element count of the weight a parameter stands for (4-bit parameters are packed two per byte)."""
+    """Element count of the weight a parameter stands for (4-bit parameters are packed two per byte; a
+    DeepSpeed ZeRO-3 parameter is a shape-[0] placeholder for `ds_numel` elements)."""
     quant_state = getattr(param, "quant_state", None)
     if quant_state is not None and hasattr(quant_state, "shape"):
         return int(torch.Size(quant_state.shape).numel())
-    return param.numel()
+    return int(getattr(param, "ds_numel", param.numel()))
 
 
 def _is_quantized(param: torch.Tensor) -> bool:

@@ -61,11 +61,26 @@ def projector_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_projector(model: torch.nn.Module, folder: str | os.PathLike, *, projector_type: str,
                    extra: dict | None = None) -> dict:
     """Write the projector's weights and metadata into `folder` (each file atomically); return the metadata."""
+    return write_projector(projector_state_dict(model), folder, projector_type=projector_type, extra=extra)
+
+
+def projector_from_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The projector's tensors out of a whole model's state dict (an engine's gathered one), named
+    relative to the projector as `projector_state_dict` names them."""
+    marker = PROJECTOR_MODULE + "."
+    return {k.split(marker, 1)[1]: t.detach().to("cpu", copy=True).contiguous()
+            for k, t in state_dict.items() if marker in k}
+
+
+def write_projector(state: dict[str, torch.Tensor], folder: str | os.PathLike, *, projector_type: str,
+                    extra: dict | None = None) -> dict:
+    """Write projector tensors (relative names) and their metadata into `folder`, each file atomically."""
     extra = dict(extra or {})
     clash = sorted(set(extra) & set(_RESERVED_META))
     if clash:
         raise ValueError(f"extra metadata may not set {clash}")
-    state = projector_state_dict(model)
+    if not state:
+        raise ConfigError(f"no projector tensors to write into {folder}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / PROJECTOR_WEIGHTS
@@ -181,10 +196,18 @@ def _atomic(path: Path, write) -> None:
 
 
 def _gathered(module: torch.nn.Module, *, modify: bool):
-    """Gather DeepSpeed ZeRO-3 shards (parameters of shape [0] otherwise); a no-op without ZeRO-3."""
+    """Gather DeepSpeed ZeRO-3 shards (parameters of shape [0] otherwise); a no-op without ZeRO-3.
+
+    Parameters an enclosing GatheredParameters already holds (the trainer's ZeRO-3 save gathers every
+    trainable one) are left to it: DeepSpeed refuses nested contexts over the same parameters.
+    """
     params = [p for p in module.parameters() if hasattr(p, "ds_id")]
     if not params:
         return contextlib.nullcontext()
     import deepspeed  # only reached when ZeRO-3 partitioned the parameters, so DeepSpeed is installed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+    params = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if not params:
+        return contextlib.nullcontext()
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmablate.model.plan import FreezePlan, base_name, component_of, is_lora_param, unwrap
-from vlmablate.model.projector_io import save_projector
+from vlmablate.model.projector_io import projector_from_state_dict, save_projector, write_projector
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,31 @@ NON_LORA_FILE = "non_lora_trainables.safetensors"
 TRAINABLES_FILE = "trainables.safetensors"
 
 
-def _trainable_state(model: nn.Module, *, exclude_projector: bool) -> dict[str, torch.Tensor]:
-    """Trainable non-LoRA weights by their base (unwrapped HF) names, on the CPU."""
+_ENGINE_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def engine_free(name: str) -> str:
+    """A state-dict key without the wrappers FSDP, activation checkpointing or compile put in it."""
+    for prefix in _ENGINE_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _trainable_state(model: nn.Module, *, exclude_projector: bool, state_dict: dict | None = None,
+                     trainable: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Trainable non-LoRA weights by their base (unwrapped HF) names, on the CPU.
+
+    With `state_dict` (an engine's gathered one) the tensors come from it, and `trainable` names
+    the parameters that train (an engine's own parameters are shards, or flat).
+    """
+    if state_dict is None:
+        tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        tensors = {engine_free(n): t for n, t in state_dict.items() if engine_free(n) in trainable}
     return {
-        base_name(n): p.detach().to("cpu").contiguous().clone()
-        for n, p in model.named_parameters()
-        if p.requires_grad and not is_lora_param(n) and not (exclude_projector and component_of(n) == "projector")
+        base_name(n): t.detach().to("cpu").contiguous().clone()
+        for n, t in tensors.items()
+        if not is_lora_param(n) and not (exclude_projector and component_of(n) == "projector")
     }
 
 
@@ -47,29 +66,43 @@ def _atomic_json(path: Path, data: dict) -> None:
 
 
 def save_artifacts(model: nn.Module, plan: FreezePlan, folder: str | os.PathLike, *, processor=None,
-                   plan_record: dict) -> dict[str, str]:
-    """Write what the plan says is worth keeping into `folder`; return {artifact: path}."""
+                   plan_record: dict, state_dict: dict | None = None,
+                   trainable: set[str] | None = None) -> dict[str, str]:
+    """Write what the plan says is worth keeping into `folder`; return {artifact: path}.
+
+    `state_dict` and `trainable`: under FSDP the parameters are shards, so Trainer hands over the
+    gathered full state dict, and the names of the trainable parameters come from before wrapping.
+    """
+    if state_dict is not None:
+        if trainable is None:
+            raise ValueError("save_artifacts with a state_dict needs the names of the trainable parameters")
+        state_dict = {engine_free(k): v for k, v in state_dict.items()}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
     if plan.projector.trainable:
-        save_projector(model, folder / "projector", projector_type=plan.projector_type,
-                       extra={"lineage": plan_record.get("lineage")})
+        extra = {"lineage": plan_record.get("lineage")}
+        if state_dict is None:
+            save_projector(model, folder / "projector", projector_type=plan.projector_type, extra=extra)
+        else:
+            write_projector(projector_from_state_dict(state_dict), folder / "projector",
+                            projector_type=plan.projector_type, extra=extra)
         written["projector"] = str(folder / "projector")
     if plan.uses_lora:
-        model.save_pretrained(folder / "adapter")
-        non_lora = _trainable_state(model, exclude_projector=False)
+        model.save_pretrained(folder / "adapter", state_dict=state_dict)  # PEFT keeps the adapter's keys
+        non_lora = _trainable_state(model, exclude_projector=False, state_dict=state_dict, trainable=trainable)
         if non_lora:
             save_file(non_lora, folder / NON_LORA_FILE)
             written["non_lora_trainables"] = str(folder / NON_LORA_FILE)
         written["adapter"] = str(folder / "adapter")
     elif plan.llm.mode == "full":
-        unwrap(model).save_pretrained(folder / "model")
+        full = None if state_dict is None else {base_name(k): v for k, v in state_dict.items()}
+        unwrap(model).save_pretrained(folder / "model", state_dict=full)
         if processor is not None:
             processor.save_pretrained(folder / "model")
         written["model"] = str(folder / "model")
     else:
-        rest = _trainable_state(model, exclude_projector=True)
+        rest = _trainable_state(model, exclude_projector=True, state_dict=state_dict, trainable=trainable)
         if rest:
             save_file(rest, folder / TRAINABLES_FILE)
             written["trainables"] = str(folder / TRAINABLES_FILE)

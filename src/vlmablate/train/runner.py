@@ -130,11 +130,21 @@ def resolve_model(cfg: RunConfig) -> ModelConfig:
     return replace(cfg.model, source="compose", vision_checkpoint=str(paths.vision), llm_checkpoint=str(paths.llm))
 
 
-def load_cell_model(cfg: RunConfig, plan: FreezePlan, projector_path: str | None):
-    """Load the model, install the stage-1 projector if given, apply the plan; return model, processor, lineage."""
-    with dist.main_first():  # builds the world and the composed checkpoint when missing: rank 0 writes them
+def prepare_model(cfg: RunConfig, plan: FreezePlan) -> ModelConfig:
+    """Build what the model loads from when missing (the tiny world, a tiny or composed checkpoint).
+
+    Rank 0 builds, the other ranks wait: once the process group exists `save_pretrained` writes
+    nothing on them. And it happens before Trainer's arguments exist: under ZeRO-3 a model made
+    while they live is partitioned, and would be saved as shape-[0] tensors.
+    """
+    with dist.main_first():
         model_cfg = resolve_model(cfg)
         resolve_checkpoint(model_cfg, projector_type=plan.projector_type)
+    return model_cfg
+
+
+def load_cell_model(cfg: RunConfig, model_cfg: ModelConfig, plan: FreezePlan, projector_path: str | None):
+    """Load the model, install the stage-1 projector if given, apply the plan; return model, processor, lineage."""
     if projector_path:
         # Shapes are checked from configs alone, before any weights load.
         check_projector_shapes(projector_path, model_dims(model_cfg, projector_type=plan.projector_type),
@@ -145,7 +155,8 @@ def load_cell_model(cfg: RunConfig, plan: FreezePlan, projector_path: str | None
     if projector_path:
         meta = load_projector(loaded.model, projector_path, projector_type=plan.projector_type)
         lineage["pretrained_projector"] = {"path": str(projector_path), "sha256": meta["sha256"]}
-    model = apply_plan(loaded.model, plan, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    model = apply_plan(loaded.model, plan, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                       sharded=bool(cfg.train.fsdp))
     return model, loaded.processor, lineage
 
 
@@ -210,13 +221,15 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
                 projector_path = stage1["projector"]
             else:
                 projector_path = None
+        model_cfg = prepare_model(cfg, plan)
         # After stage 1 (which made its own) and before the model loads: under DeepSpeed ZeRO-3,
         # from_pretrained partitions the weights as it reads them only while these arguments live.
         args = training_arguments(cfg, run_dir)
+        export_fsdp_wrap_classes(cfg)
         # Seeded right before anything draws random numbers (LoRA's initial weights among them): a
         # cell's result must not depend on what ran before it in the process, such as its stage 1.
         set_seed(cfg.train.seed)
-        model, processor, lineage = load_cell_model(cfg, plan, projector_path)
+        model, processor, lineage = load_cell_model(cfg, model_cfg, plan, projector_path)
         lineage["stage1"] = stage1
         table = parameter_table(model, plan)
         log.info("freeze plan (stage=%s, quant=%s):\n%s", cfg.stage.name, cfg.quant.mode, format_table(table, plan))
@@ -262,8 +275,11 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
             checkpoint_on_sigterm=cfg.train.checkpoint_on_sigterm,
         )
         summary["determinism"] = determinism_record(cfg, args)
-        audit = GradientAudit(step_had_images=lambda: trainer.timer.images_in_step > 0)
-        trainer.add_callback(audit)
+        audit = None
+        if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+            # DeepSpeed and FSDP keep gradients in their own partitions: `p.grad` tells nothing there.
+            audit = GradientAudit(step_had_images=lambda: trainer.timer.images_in_step > 0)
+            trainer.add_callback(audit)
         start = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         wall = time.perf_counter() - start
@@ -276,7 +292,8 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
 
         summary["train"] = _train_summary(trainer, output.metrics, wall)
         summary["train"]["resumed_from"] = str(resume) if resume else None
-        summary["train"]["gradient_audit"] = audit.report
+        summary["train"]["gradient_audit"] = audit.report if audit else {
+            "skipped": "DeepSpeed / FSDP hold gradients in their own partitions"}
         summary["data"]["bad_at_encode"] = summary["train"].pop("bad_at_encode")
         if trainer.data_order is not None:
             summary["train"]["data_order"] = _write_data_order(trainer, run_dir)
@@ -305,6 +322,14 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
 
 class Interrupted(RuntimeError):
     """Training stopped on SIGTERM after writing a complete checkpoint (the summary says `interrupted`)."""
+
+
+def export_fsdp_wrap_classes(cfg: RunConfig) -> None:
+    """PEFT's FSDP wrap policy reads the layer classes from FSDP_TRANSFORMER_CLS_TO_WRAP, which
+    `accelerate launch` sets from its config and torchrun does not: set it from the preset."""
+    classes = (cfg.train.fsdp_config or {}).get("transformer_layer_cls_to_wrap")
+    if cfg.train.fsdp and classes and "FSDP_TRANSFORMER_CLS_TO_WRAP" not in os.environ:
+        os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = ",".join([classes] if isinstance(classes, str) else classes)
 
 
 def find_unused_parameters(plan: FreezePlan, lengths: list[int]) -> bool:

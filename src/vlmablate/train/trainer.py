@@ -149,6 +149,8 @@ class VlmTrainer(Trainer):
         self.data_order: dict[int, list[int]] | None = {} if record_data_order else None
         self.loss_state: dict | None = None
         self.saved_artifacts: dict[str, str] = {}  # what the last save wrote (rank 0)
+        # Named before any engine wraps the model (FSDP flattens or shards the parameters).
+        self.trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         self.add_callback(_ResumedLoss(self))
         self.sampler_kind = sampler
         self.lengths = lengths  # LLaVA's modality lengths: > 0 with an image, < 0 text-only
@@ -296,6 +298,9 @@ class VlmTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        self.saved_artifacts = save_artifacts(self.model, self.plan, output_dir, processor=self.processing_class,
-                                              plan_record=self.plan_record)
+        # Under FSDP Trainer passes the gathered full state dict (the parameters themselves are shards).
+        model = self.accelerator.unwrap_model(self.model) if state_dict is not None else self.model
+        self.saved_artifacts = save_artifacts(model, self.plan, output_dir, processor=self.processing_class,
+                                              plan_record=self.plan_record, state_dict=state_dict,
+                                              trainable=self.trainable_names)
         torch.save(self.args, f"{output_dir}/training_args.bin")
