@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CONF
+from conftest import CONF, compose_run
 
 from vlmablate.report.compare import paired_tests, summarize, to_markdown, write_report
 
@@ -127,10 +127,32 @@ def test_the_slurm_and_wandb_sweeps_are_well_formed():
     assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.additional_parameters.requeue is True
     assert cfg.hydra.sweeper.params.cell == "frozen_frozen,frozen_lora,unfrozen_lora,full"
+    # Preempted or timed-out cells are requeued into their own folder and resume from their checkpoints.
+    assert cfg.train.resume == "auto" and cfg.hydra.sweep.subdir == "none/seed42"  # ${cell.name}/seed${train.seed}
+    assert cfg.hydra.launcher.max_num_timeout == 5 and cfg.hydra.launcher.signal_delay_s == 300
     wandb_sweep = yaml.safe_load((SWEEPS / "wandb_freeze_grid.yaml").read_text())
     assert wandb_sweep["method"] == "grid"
     assert wandb_sweep["parameters"]["cell"]["values"] == ["frozen_frozen", "frozen_lora", "unfrozen_lora", "full"]
-    assert "${args_no_hyphens}" in wandb_sweep["command"]
+    command = wandb_sweep["command"]
+    assert "${args_no_hyphens}" in command and command[command.index("--config-name") + 1] == "wandb_cell"
+    with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
+        cell = compose(config_name="wandb_cell", overrides=[f"hydra.searchpath=[file://{CONF}]", "cell=frozen_lora",
+                                                            "train.seed=2"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert cell.logger.name == "wandb" and cell.train.resume == "auto"
+    assert cell.hydra.run.dir == "sweeps_out/wandb_freeze_grid/frozen_lora/seed2"
+
+
+def test_resume_and_bookkeeping_switches_leave_the_config_hash_alone():
+    from vlmablate.config import config_hash
+    from vlmablate.train.stages import learning_config
+
+    _, base = compose_run("cell=frozen_lora")
+    _, resumed = compose_run("cell=frozen_lora", "train.resume=auto", "train.record_data_order=true",
+                             "train.checkpoint_on_sigterm=false", "logger=wandb")
+    _, other = compose_run("cell=frozen_lora", "train.seed=1")
+    assert config_hash(learning_config(base)) == config_hash(learning_config(resumed))
+    assert config_hash(learning_config(base)) != config_hash(learning_config(other))
 
 
 @pytest.mark.slow

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 # and every seed of a grid, as LLaVA shares one pretrained projector, and trains with its own default seed.
 _CELL_KEYS = ("stage", "freeze", "vision", "cell", "data", "eval", "model.pretrained_projector", "hydra",
               "train.seed")
-# Settings that do not change what stage 1 learns, left out of its hash.
-_UNHASHED = ("logger", "train.progress")
+# Settings that do not change what a run learns, left out of its hash (a sweep run again with resume
+# on, or with W&B, still finds its finished cells).
+_UNHASHED = ("logger", "train.progress", "train.resume", "train.checkpoint_on_sigterm", "train.record_data_order")
 
 
 def compose_config(overrides: list[str]):
