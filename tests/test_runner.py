@@ -113,7 +113,8 @@ def test_invalid_config_fails_before_loading_and_writes_a_failed_summary(run_cel
         run_cell("quant=nf4", "freeze=full_llm", name="bad")
     summary = read_summary(tmp_path / "bad")
     assert summary == {"status": "failed", "run_dir": str(tmp_path / "bad"), "error": summary["error"],
-                       "config_hash": summary["config_hash"], "seed": 42, "cell": {"name": "none", "label": ""}}
+                       "config_hash": summary["config_hash"], "seed": 42, "cell": {"name": "none", "label": ""},
+                       "world_size": 1}
     assert len(summary["config_hash"]) == 12
 
 

@@ -303,4 +303,5 @@ class VlmTrainer(Trainer):
         self.saved_artifacts = save_artifacts(model, self.plan, output_dir, processor=self.processing_class,
                                               plan_record=self.plan_record, state_dict=state_dict,
                                               trainable=self.trainable_names)
-        torch.save(self.args, f"{output_dir}/training_args.bin")
+        if Path(output_dir).parent == Path(self.args.output_dir):  # a checkpoint; final/ keeps the artifacts only
+            torch.save(self.args, f"{output_dir}/training_args.bin")
