@@ -168,3 +168,21 @@ def test_zero3_loads_a_stage_one_projector_trains_saves_and_resumes(tmp_path):
         a, b = (load_file(str(tmp_path / d / "final" / name)) for d in ("whole", "resumed"))
         assert all(t.numel() > 0 for t in a.values())
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), name
+
+
+def test_every_rank_follows_rank_zeros_run_directory(tmp_path, monkeypatch):
+    from vlmablate.train import distributed as dist
+
+    rank0, rank1 = tmp_path / "22-07-15_run", tmp_path / "22-07-16_run"  # stamped a second apart
+    rank1.mkdir()
+    made = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "broadcast", lambda value, from_rank=0: str(rank0))
+    assert dist.agree_on_run_dir(rank1, lambda: made.append(True)) == rank0
+    assert made == [True] and not rank1.exists()  # the process group was made; the empty stray folder is gone
+    assert dist.replica_overrides() == ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    monkeypatch.setenv("RANK", "0")
+    assert dist.replica_overrides() == []
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert dist.agree_on_run_dir(rank1, lambda: made.append(True)) == rank1 and made == [True]
