@@ -44,7 +44,7 @@ def hand_written_loop(cfg, steps: int) -> float:
     torch.manual_seed(cfg.train.seed)
     plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage,
                         lr_scale=cfg.train.lr_scale)
-    model, processor, _ = runner.load_cell_model(cfg, plan, None)
+    model, processor, _ = runner.load_cell_model(cfg, runner.prepare_model(cfg, plan), plan, None)
     dataset = build_dataset(cfg.data, processor=processor, template=cfg.stage.template,
                             max_length=cfg.model.max_length, image_aspect=runner.image_aspect_of(cfg),
                             cache_dir=cache_root(cfg.data.cache_dir), image_size=runner.image_size_of(processor),
