@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from vlmablate.config import AUTO, ModelConfig, RunConfig, cache_root, config_hash, to_run_config, validate
 from vlmablate.data.collator import LlavaCollator
@@ -306,9 +307,17 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
                                                 run_dir / "final")
         summary["artifacts"] = {"checkpoint": str(run_dir / "final"), "projector": artifacts.get("projector"),
                                 **artifacts}
-        summary["eval"], samples = run_eval(cfg.eval, trainer.model, processor, run_dir / "eval", world=cfg.world,
-                                            progress=cfg.train.progress)
-        log_predictions(wandb_run, samples, cfg.eval.wandb_samples)
+        if cfg.eval.name != "none" and dist.is_distributed() and (is_deepspeed_zero3_enabled()
+                                                                  or trainer.is_fsdp_enabled):
+            # The weights are sharded over the ranks, and every forward needs all of them: rank 0 alone
+            # cannot evaluate. The saved run is evaluated in one process afterwards.
+            summary["eval"] = {"skipped": f"weights sharded over {dist.world_size()} ranks; evaluate the saved run "
+                                          f"with: python -m vlmablate.eval run_dir={run_dir} eval={cfg.eval.name}"}
+            log.warning("evaluation skipped: %s", summary["eval"]["skipped"])
+        else:
+            summary["eval"], samples = run_eval(cfg.eval, trainer.model, processor, run_dir / "eval",
+                                                world=cfg.world, progress=cfg.train.progress)
+            log_predictions(wandb_run, samples, cfg.eval.wandb_samples)
         summary["status"] = "completed"
         return summary
     except Exception as exc:
