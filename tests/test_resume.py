@@ -209,3 +209,19 @@ def test_artifacts_from_an_engines_state_dict_equal_those_from_the_parameters(tm
     if plan.projector.trainable:
         meta = [json.loads((tmp_path / d / "projector" / "projector.json").read_text())["sha256"] for d in "ab"]
         assert meta[0] == meta[1]
+
+
+def test_train_switches_reach_trainers_arguments(tmp_path, restore_determinism):
+    from conftest import compose_run
+
+    from vlmablate.train.runner import training_arguments
+
+    # (train.ddp_backend is passed on as well, but TrainingArguments wants a process group for it.)
+    cfg, _ = compose_run("model=tiny_random", "train=cpu_tiny", "train.deterministic=true",
+                         "train.ddp_find_unused_parameters=false")
+    args = training_arguments(cfg, tmp_path)
+    assert (args.full_determinism, args.ddp_find_unused_parameters) == (True, False)
+    assert args.output_dir == str(tmp_path / "checkpoints")
+    default, _ = compose_run("model=tiny_random", "train=cpu_tiny")
+    args = training_arguments(default, tmp_path)
+    assert (args.ddp_backend, args.full_determinism, args.ddp_find_unused_parameters) == (None, False, None)

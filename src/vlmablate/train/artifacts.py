@@ -51,7 +51,7 @@ def _trainable_state(model: nn.Module, *, exclude_projector: bool, state_dict: d
     if state_dict is None:
         tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
     else:
-        tensors = {engine_free(n): t for n, t in state_dict.items() if engine_free(n) in trainable}
+        tensors = {n: t for n, t in state_dict.items() if n in trainable}  # keys already engine_free
     return {
         base_name(n): t.detach().to("cpu").contiguous().clone()
         for n, t in tensors.items()
@@ -59,7 +59,8 @@ def _trainable_state(model: nn.Module, *, exclude_projector: bool, state_dict: d
     }
 
 
-def _atomic_json(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Through a temporary file and a rename: a reader never sees a half-written file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
@@ -106,7 +107,7 @@ def save_artifacts(model: nn.Module, plan: FreezePlan, folder: str | os.PathLike
         if rest:
             save_file(rest, folder / TRAINABLES_FILE)
             written["trainables"] = str(folder / TRAINABLES_FILE)
-    _atomic_json(folder / PLAN_FILE, {**plan_record, "artifacts": written})
+    write_json_atomic(folder / PLAN_FILE, {**plan_record, "artifacts": written})
     return written
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmablate.config import ConfigError
+from vlmablate.train.artifacts import write_json_atomic
 
 COMPLETE = "COMPLETE"
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -97,10 +98,7 @@ def progress_file(folder: Path, rank: int) -> Path:
 
 
 def save_progress(folder: Path, rank: int, progress: dict) -> None:
-    path = progress_file(folder, rank)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(progress))
-    os.replace(tmp, path)
+    write_json_atomic(progress_file(folder, rank), progress)
 
 
 def load_progress(folder: Path, rank: int) -> dict:

@@ -40,7 +40,7 @@ from vlmablate.report.wandb_log import (
     start_wandb,
 )
 from vlmablate.train import distributed as dist
-from vlmablate.train.artifacts import export_merged
+from vlmablate.train.artifacts import export_merged, write_json_atomic
 from vlmablate.train.audit import GradientAudit
 from vlmablate.train.checkpoints import resolve_resume
 from vlmablate.train.stages import ensure_stage1, learning_config
@@ -80,7 +80,7 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path, *, find_unused: bool | None = None) -> TrainingArguments:
+def training_arguments(cfg: RunConfig, run_dir: Path) -> TrainingArguments:
     """Trainer's arguments from the preset. Under DeepSpeed ZeRO-3 they must exist before the model is
     loaded (from_pretrained then partitions the weights as it loads them)."""
     t = cfg.train
@@ -112,7 +112,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, *, find_unused: bool | Non
         deepspeed=deepspeed_config(t.deepspeed),
         fsdp=t.fsdp,
         fsdp_config=dict(t.fsdp_config) if t.fsdp_config else None,
-        ddp_find_unused_parameters=find_unused if find_unused is not None else t.ddp_find_unused_parameters,
+        ddp_find_unused_parameters=t.ddp_find_unused_parameters,  # null: set by the runner once the data is known
         ddp_backend=t.ddp_backend,
         full_determinism=t.deterministic,
         use_cpu=t.use_cpu,
@@ -325,7 +325,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
         raise
     finally:
         if main:
-            _write_json(run_dir / "summary.json", summary)
+            write_json_atomic(run_dir / "summary.json", summary)
             finish_wandb(wandb_run, summary)
 
 
@@ -422,12 +422,6 @@ def _train_summary(trainer: VlmTrainer, metrics: dict, wall: float) -> dict:
         "bad_at_encode": dict(sorted(bad.items())),
         "loss_curve": curve,  # (step, mean loss over the logging window ending there)
     }
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def run_from_hydra(cfg: DictConfig) -> float | None:
