@@ -1,0 +1,83 @@
+"""benchmarks/world_grounding.py on the test-size world: answer-only labels, blank images, and the table."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_run
+
+from vlmablate.model.load import load_model
+from vlmablate.model.plan import resolve_plan
+from vlmablate.train.runner import prepare_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "world_grounding.py"
+
+
+@pytest.fixture(scope="module")
+def grounding():
+    spec = importlib.util.spec_from_file_location("world_grounding", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def task(grounding):
+    cfg, _ = compose_run("world=test", "train.progress=false")
+    plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage, lr_scale=cfg.train.lr_scale)
+    loaded = load_model(prepare_model(cfg, plan), projector_type=plan.projector_type, quant=cfg.quant,
+                        skip_modules=[], compute_dtype=torch.float32)
+    return grounding.Task(loaded.processor, ["colour", "counting"], max_objects=3, seed=0)
+
+
+def test_labels_are_the_answer_and_eos_only(task):
+    batch = task.batch(0, 4)
+    tokenizer = task.tokenizer
+    for row in range(4):
+        _, answer, _, category = task.example("train", row)
+        assert category in ("colour", "counting")
+        labels = batch["labels"][row]
+        kept = labels[labels != -100]
+        assert tokenizer.decode(kept) == f" {answer}{tokenizer.eos_token}"
+        # the labelled tokens are the last real ones of the row: the answer closes the sequence
+        n_real = int(batch["attention_mask"][row].sum())
+        assert (labels[:n_real - len(kept)] == -100).all()
+        assert torch.equal(batch["input_ids"][row, n_real - len(kept):n_real], kept)
+
+
+def test_examples_are_deterministic_and_blank_keeps_the_question(task):
+    prompt, answer, image, _ = task.example("eval", 3)
+    again = task.example("eval", 3)
+    assert (prompt, answer) == again[:2] and image.tobytes() == again[2].tobytes()
+    blank_prompt, blank_answer, blank_image, _ = task.example("eval", 3, blank=True)
+    assert (blank_prompt, blank_answer) == (prompt, answer)
+    white = bytes([255]) * len(image.tobytes())
+    assert blank_image.tobytes() == white and image.tobytes() != white
+    assert task.example("train", 3)[2].tobytes() != image.tobytes()  # held-out scenes come from their own split
+
+
+def test_main_prints_a_row_per_evaluation_for_both_lms(grounding, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["world_grounding.py", "--categories", "colour", "--steps", "2",
+                                      "--eval-every", "1", "--eval-n", "4", "--batch-size", "2", "world=test"])
+    grounding.main()
+    out = capsys.readouterr().out
+    assert "world LM: image" in out and "fresh LM: image" in out
+    rows = [line for line in out.splitlines() if re.match(r"\s+\d+ \|", line)]
+    assert [int(line.split("|")[0]) for line in rows] == [1, 2]
+    for line in rows:  # two LMs, each with image, blank and their difference, all accuracies on 4 questions
+        numbers = [float(x) for x in re.findall(r"[+-]?\d\.\d{3}", line)]
+        assert len(numbers) == 6
+        for image, blank, gap in (numbers[:3], numbers[3:]):
+            assert image * 4 == pytest.approx(round(image * 4)) and blank * 4 == pytest.approx(round(blank * 4))
+            assert gap == pytest.approx(image - blank, abs=1e-3)
+
+
+def test_unknown_category_is_refused(grounding, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["world_grounding.py", "--categories", "colour,smell"])
+    with pytest.raises(SystemExit):
+        grounding.main()
