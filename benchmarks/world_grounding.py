@@ -27,6 +27,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from vlmablate.config import QuantConfig, cache_root, register_configs
+from vlmablate.data.templates import IGNORE_INDEX
+from vlmablate.eval.run import chat_prompt
 from vlmablate.model.load import load_model
 from vlmablate.model.plan import resolve_plan
 from vlmablate.model.projector_io import load_projector
@@ -35,8 +37,6 @@ from vlmablate.train.stages import compose_config, ensure_stage1
 from vlmablate.world import language
 from vlmablate.world.data import SHORT_ANSWER_PROMPT
 from vlmablate.world.scenes import Scene, render, sample_scene, scene_rng
-
-IGNORE_INDEX = -100
 
 
 class Task:
@@ -52,9 +52,7 @@ class Task:
         item = None
         while item is None:  # a spatial question needs two objects
             item = language.question(scene, rng.choice(self.categories), rng)
-        text = f"<image>\n{item['question']}\n{SHORT_ANSWER_PROMPT}"
-        prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                    add_generation_prompt=True)
+        prompt = chat_prompt(self.processor, f"{item['question']}\n{SHORT_ANSWER_PROMPT}")
         image = render(Scene(()) if blank else scene)
         return self.tokenizer.bos_token + prompt, item["answer"], image, item["category"]
 

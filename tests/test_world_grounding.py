@@ -81,3 +81,14 @@ def test_unknown_category_is_refused(grounding, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["world_grounding.py", "--categories", "colour,smell"])
     with pytest.raises(SystemExit):
         grounding.main()
+
+
+def test_stage1_projector_and_one_lm(grounding, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["world_grounding.py", "--projector", "stage1", "--lms", "world", "--steps", "1",
+                                      "--eval-every", "1", "--eval-n", "2", "--batch-size", "2", "world=test"])
+    grounding.main()
+    out = capsys.readouterr().out
+    assert "stage1 projector + whole LM trained" in out
+    assert "world LM: image" in out and "fresh LM" not in out
+    rows = [line for line in out.splitlines() if re.match(r"\s+\d+ \|", line)]
+    assert len(rows) == 1 and len(re.findall(r"[+-]?\d\.\d{3}", rows[0])) == 3
