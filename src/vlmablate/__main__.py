@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vlmablate.config import register_configs
-from vlmablate.train.distributed import replica_overrides
+from vlmablate.train.distributed import leave_process_group, replica_overrides
 
 register_configs()
 
@@ -23,7 +23,10 @@ def main(cfg: DictConfig) -> float | None:
 def cli() -> None:
     # Under torchrun / accelerate launch, ranks other than 0 keep no Hydra files or log file of their own.
     sys.argv += replica_overrides()
-    main()
+    try:
+        main()
+    finally:
+        leave_process_group()
 
 
 if __name__ == "__main__":

@@ -80,6 +80,13 @@ def main_first():
         barrier()
 
 
+def leave_process_group() -> None:
+    """Tear the process group down before the interpreter exits. Left to interpreter shutdown, gloo's
+    threads can outlive the objects they use and abort a rank that already finished its run."""
+    if _initialized():
+        torch.distributed.destroy_process_group()
+
+
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank when `flag` is true on at least one (a SIGTERM seen by one rank stops all)."""
     if not _initialized():
