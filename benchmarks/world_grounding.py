@@ -8,11 +8,13 @@ with the image and with a blank one. The gap between the two is what the model t
 image. It runs twice from the same projector initialisation: with the world's pretrained LM and with
 the same LM re-initialised, so an LM that cannot learn to read the image shows up against one that
 starts from nothing. `--projector stage1` starts both from the main job's stage-1 projector instead,
-which measures the head start stage 1 gives.
+which measures the head start stage 1 gives. `--vision-lr` trains the tower too (the unfrozen-vision
+policy's question, in isolation), and `--answers sentence` asks for the instruct data's full sentence
+("The triangle is red.") instead of LLaVA-1.5's one-word short answer.
 
     python benchmarks/world_grounding.py [--categories colour|all|...] [--max-objects 5] [--steps 300]
-                                         [--eval-every 100] [--lr 1e-3] [--lms world,fresh]
-                                         [--projector fresh|stage1] [override ...]
+                                         [--eval-every 100] [--lr 1e-3] [--vision-lr 0] [--lms world,fresh]
+                                         [--projector fresh|stage1] [--answers short|sentence] [override ...]
 
 Overrides are the main job's (`world=test`, `world.seed=1`, ...); the world is built first if missing.
 """
@@ -42,9 +44,10 @@ from vlmablate.world.scenes import Scene, render, sample_scene, scene_rng
 class Task:
     """Short-answer questions of `categories` about scenes of 1..max_objects objects."""
 
-    def __init__(self, processor, categories: list[str], max_objects: int, seed: int):
+    def __init__(self, processor, categories: list[str], max_objects: int, seed: int, answers: str = "short"):
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.categories, self.max_objects, self.seed = categories, max_objects, seed
+        self.answers = answers  # "short": a word after LLaVA-1.5's short-answer prompt; "sentence": a sentence
 
     def example(self, split: str, index: int, blank: bool = False) -> tuple[str, str, object, str]:
         rng = scene_rng(self.seed, f"grounding-{split}", index)
@@ -52,9 +55,12 @@ class Task:
         item = None
         while item is None:  # a spatial question needs two objects
             item = language.question(scene, rng.choice(self.categories), rng)
-        prompt = chat_prompt(self.processor, f"{item['question']}\n{SHORT_ANSWER_PROMPT}")
+        if self.answers == "short":
+            prompt, answer = chat_prompt(self.processor, f"{item['question']}\n{SHORT_ANSWER_PROMPT}"), item["answer"]
+        else:  # the sentence names the object again before the answer word: "The triangle is red."
+            prompt, answer = chat_prompt(self.processor, item["question"]), item["sentence"]
         image = render(Scene(()) if blank else scene)
-        return self.tokenizer.bos_token + prompt, item["answer"], image, item["category"]
+        return self.tokenizer.bos_token + prompt, answer, image, item["category"]
 
     def batch(self, start: int, size: int) -> dict:
         examples = [self.example("train", start + j) for j in range(size)]
@@ -79,12 +85,12 @@ class Task:
             examples = [self.example("eval", start + j, blank) for j in range(min(50, n - start))]
             enc = self.processor(text=[e[0] for e in examples], images=[e[2] for e in examples],
                                  return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**enc, max_new_tokens=4, do_sample=False,
+            out = model.generate(**enc, max_new_tokens=4 if self.answers == "short" else 16, do_sample=False,
                                  pad_token_id=self.tokenizer.pad_token_id)
             for (_, answer, _, category), row in zip(examples, out[:, enc["input_ids"].shape[1]:]):
                 reply = self.tokenizer.decode(row, skip_special_tokens=True).strip().rstrip(".").lower()
                 for key in ("all", category):
-                    hits[key] += reply == answer
+                    hits[key] += reply == answer.rstrip(".").lower()
                     counts[key] += 1
         model.train()
         return {key: hits[key] / counts[key] for key in counts}
@@ -97,10 +103,16 @@ def curve(loaded, task: Task, *, fresh_lm: bool, args) -> list[tuple[int, dict, 
         fresh = LlamaForCausalLM(model.config.text_config)
         model.model.language_model.load_state_dict(fresh.model.state_dict())
         model.lm_head.load_state_dict(fresh.lm_head.state_dict())
+    tower, rest = [], []
     for name, param in model.named_parameters():
-        param.requires_grad = not name.startswith("model.vision_tower")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+        (tower if name.startswith("model.vision_tower") else rest).append(param)
+    for param in tower:
+        param.requires_grad = args.vision_lr > 0
+    groups = [{"params": rest, "lr": args.lr}]
+    if args.vision_lr > 0:  # the tower at its own LR, as the unfrozen-vision policies give it
+        groups.append({"params": tower, "lr": args.vision_lr})
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     rows, start = [], time.perf_counter()
     model.train()
     for step in range(1, args.steps + 1):
@@ -124,11 +136,16 @@ def main() -> None:
     parser.add_argument("--categories", default="colour",
                         help=f"comma-separated, from {', '.join(language.CATEGORIES)}; 'all' for every one")
     parser.add_argument("--max-objects", type=int, default=5)
+    parser.add_argument("--answers", choices=("short", "sentence"), default="short",
+                        help="short: one word after LLaVA-1.5's short-answer prompt; sentence: the instruct "
+                             "data's full sentence (\"The triangle is red.\"), scored by exact match")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-n", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--vision-lr", type=float, default=0.0,
+                        help="train the vision tower too, at this LR (0, the default: the tower stays frozen)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lms", default="world,fresh", help="which LMs to train: world, fresh or both")
     parser.add_argument("--projector", choices=("fresh", "stage1"), default="fresh",
@@ -157,11 +174,14 @@ def main() -> None:
                             skip_modules=[], compute_dtype=torch.float32)
         if stage1:
             load_projector(loaded.model, stage1, projector_type=plan.projector_type)
-        task = Task(loaded.processor, categories, args.max_objects, cfg.world.seed)
+        task = Task(loaded.processor, categories, args.max_objects, cfg.world.seed, args.answers)
         curves[name] = curve(loaded, task, fresh_lm=fresh_lm, args=args)
 
     print(f"\n{', '.join(categories)} questions, 1-{args.max_objects} objects, batch {args.batch_size}, "
-          f"lr {args.lr}, {args.projector} projector + whole LM trained; accuracy on {args.eval_n} held-out questions")
+          f"lr {args.lr}, {args.projector} projector + whole LM trained"
+          + (f" + vision tower at lr {args.vision_lr}" if args.vision_lr > 0 else "")
+          + (", answers in full sentences (exact match)" if args.answers == "sentence" else "")
+          + f"; accuracy on {args.eval_n} held-out questions")
     print(f"{'step':>6} | " + " | ".join(f"{name + ' LM: image':>15} {'blank':>6} {'gap':>6}" for name in curves))
     for at_step in zip(*curves.values()):
         cells = [f"{image['all']:>15.3f} {blank['all']:>6.3f} {image['all'] - blank['all']:>+6.3f}"

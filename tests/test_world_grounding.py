@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import re
 import sys
@@ -14,6 +15,7 @@ from conftest import compose_run
 from vlmablate.model.load import load_model
 from vlmablate.model.plan import resolve_plan
 from vlmablate.train.runner import prepare_model
+from vlmablate.world.data import SHORT_ANSWER_PROMPT
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "world_grounding.py"
 
@@ -92,3 +94,34 @@ def test_stage1_projector_and_one_lm(grounding, capsys, monkeypatch):
     assert "world LM: image" in out and "fresh LM" not in out
     rows = [line for line in out.splitlines() if re.match(r"\s+\d+ \|", line)]
     assert len(rows) == 1 and len(re.findall(r"[+-]?\d\.\d{3}", rows[0])) == 3
+
+
+def test_sentence_answers_drop_the_short_answer_prompt(grounding, task):
+    sentences = grounding.Task(task.processor, ["colour", "counting"], max_objects=3, seed=0, answers="sentence")
+    short_prompt, word, _, _ = task.example("train", 5)
+    prompt, sentence, _, _ = sentences.example("train", 5)
+    assert SHORT_ANSWER_PROMPT in short_prompt and SHORT_ANSWER_PROMPT not in prompt
+    # the same scene and question: the sentence states the short answer, e.g. "The circle is red." / "red"
+    assert sentence.endswith(".") and sentence[0].isupper() and word.lower() in sentence.lower()
+    batch = sentences.batch(5, 1)
+    kept = batch["labels"][0][batch["labels"][0] != -100]
+    assert sentences.tokenizer.decode(kept) == f" {sentence}{sentences.tokenizer.eos_token}"
+
+
+@pytest.mark.parametrize("vision_lr", [0.0, 1e-2])
+def test_the_tower_trains_only_with_a_vision_lr(grounding, vision_lr):
+    cfg, _ = compose_run("world=test", "train.progress=false")
+    plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage, lr_scale=cfg.train.lr_scale)
+    loaded = load_model(prepare_model(cfg, plan), projector_type=plan.projector_type, quant=cfg.quant,
+                        skip_modules=[], compute_dtype=torch.float32)
+    task = grounding.Task(loaded.processor, ["shape"], max_objects=2, seed=0)
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    args = argparse.Namespace(seed=0, lr=1e-2, vision_lr=vision_lr, steps=1, eval_every=1, eval_n=2, batch_size=2)
+    (row,) = grounding.curve(loaded, task, fresh_lm=False, args=args)
+    assert row[0] == 1
+    changed = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
+    tower = {n for n in before if n.startswith("model.vision_tower")}
+    assert any(n.startswith("model.multi_modal_projector") for n in changed)
+    assert any(n.startswith("model.language_model") for n in changed)
+    # the tower's layer LLaVA reads (-2) moves only when trained; its last layer feeds nothing
+    assert bool(changed & tower) == (vision_lr > 0)
