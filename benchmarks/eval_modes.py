@@ -37,7 +37,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, mode, batch in (("likelihood", "likelihood", args.batch_size),
                                   ("generate", "generate", args.batch_size), ("generate x1", "generate", 1)):
-            results[name] = evaluate_mmbench(model, processor, tsv, mode=mode, out_dir=Path(tmp) / name.replace(" ", "_"),
+            out_dir = Path(tmp) / name.replace(" ", "_")
+            results[name] = evaluate_mmbench(model, processor, tsv, mode=mode, out_dir=out_dir,
                                              batch_size=batch, max_new_tokens=args.max_new_tokens,
                                              max_questions=args.max_questions, n_boot=200)
     (gen, gen_rows), (lik, lik_rows) = results["generate"], results["likelihood"]
