@@ -42,7 +42,8 @@ from vlmablate.world.scenes import Scene, render, sample_scene, scene_rng
 
 
 class Task:
-    """Short-answer questions of `categories` about scenes of 1..max_objects objects."""
+    """Questions of `categories` about scenes of 1..max_objects objects, answered in a word after the
+    short-answer prompt (`answers="short"`) or in the instruct data's sentence (`answers="sentence"`)."""
 
     def __init__(self, processor, categories: list[str], max_objects: int, seed: int, answers: str = "short"):
         self.processor, self.tokenizer = processor, processor.tokenizer
