@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 
 from vlmablate.config import RunConfig, register_configs, to_run_config
 
-CONF = Path(__file__).resolve().parents[1] / "src" / "vlmablate" / "conf"
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "src" / "vlmablate" / "conf"
 register_configs()
 
 
@@ -33,6 +34,16 @@ def compose_run(*overrides: str) -> tuple[RunConfig, dict]:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides))
     return to_run_config(cfg), OmegaConf.to_container(cfg, resolve=True)
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py imported as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # Unless a test says otherwise: the tiny random Llava, a few steps, on the test-size tiny world's data.

@@ -3,38 +3,35 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_run
+from conftest import compose_run, load_benchmark
 
 from vlmablate.model.load import load_model
 from vlmablate.model.plan import resolve_plan
 from vlmablate.train.runner import prepare_model
 from vlmablate.world.data import SHORT_ANSWER_PROMPT
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "world_grounding.py"
+
+def composed_test_world_model():
+    """The test world's composed model (frozen tower, fresh projector, world LM), as the script builds it."""
+    cfg, _ = compose_run("world=test", "train.progress=false")
+    plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage, lr_scale=cfg.train.lr_scale)
+    return load_model(prepare_model(cfg, plan), projector_type=plan.projector_type, quant=cfg.quant,
+                      skip_modules=[], compute_dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
 def grounding():
-    spec = importlib.util.spec_from_file_location("world_grounding", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("world_grounding")
 
 
 @pytest.fixture(scope="module")
 def task(grounding):
-    cfg, _ = compose_run("world=test", "train.progress=false")
-    plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage, lr_scale=cfg.train.lr_scale)
-    loaded = load_model(prepare_model(cfg, plan), projector_type=plan.projector_type, quant=cfg.quant,
-                        skip_modules=[], compute_dtype=torch.float32)
-    return grounding.Task(loaded.processor, ["colour", "counting"], max_objects=3, seed=0)
+    return grounding.Task(composed_test_world_model().processor, ["colour", "counting"], max_objects=3, seed=0)
 
 
 def test_labels_are_the_answer_and_eos_only(task):
@@ -110,10 +107,7 @@ def test_sentence_answers_drop_the_short_answer_prompt(grounding, task):
 
 @pytest.mark.parametrize("vision_lr", [0.0, 1e-2])
 def test_the_tower_trains_only_with_a_vision_lr(grounding, vision_lr):
-    cfg, _ = compose_run("world=test", "train.progress=false")
-    plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage, lr_scale=cfg.train.lr_scale)
-    loaded = load_model(prepare_model(cfg, plan), projector_type=plan.projector_type, quant=cfg.quant,
-                        skip_modules=[], compute_dtype=torch.float32)
+    loaded = composed_test_world_model()
     task = grounding.Task(loaded.processor, ["shape"], max_objects=2, seed=0)
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     args = argparse.Namespace(seed=0, lr=1e-2, vision_lr=vision_lr, steps=1, eval_every=1, eval_n=2, batch_size=2)

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vlmablate.model.tiny import train_tiny_tokenizer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "world_lm_copy.py"
-
 
 @pytest.fixture(scope="module")
 def copy():
-    spec = importlib.util.spec_from_file_location("world_lm_copy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("world_lm_copy")
 
 
 def tiny_lm(vocab: int = 50) -> LlamaForCausalLM:
