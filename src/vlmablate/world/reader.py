@@ -1,0 +1,199 @@
+"""Pretraining the world's language model as a reader of boards, with the reading probe at every evaluation.
+
+The corpus is drawn fresh at every step from the component seed (never `world.seed`), in three kinds
+of document:
+
+- reading documents (`reading.reading_document`): a board transcript, then questions and answers about it;
+- caption documents in stage 1's `plain` layout: the board, then a caption and "\\n", as LLaVA's
+  stage 1 shows the LM an image and its caption;
+- text-only dialogues of facts about shapes, colours and numbers, in the chat template (the general
+  text that Vicuna knows and stage 2's text-only records ask for).
+
+Documents are drawn a pool of batches at a time and grouped by length, so a batch is mostly real tokens.
+The curriculum (`ReadingConfig.curriculum_steps`) starts from one-object boards: with one object, a
+question's answer is wherever the object is, which teaches *what* to copy before *where* to look.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
+
+from vlmablate.model.tiny import train_tiny_tokenizer
+from vlmablate.world import language
+from vlmablate.world.board import N_CELLS, BoardEmbedding, embed_inputs
+from vlmablate.world.reading import (
+    IGNORE_INDEX,
+    SYSTEM,
+    Encoder,
+    ReadingConfig,
+    ReadingDoc,
+    collate,
+    probe_items,
+    reading_document,
+    reading_probe,
+)
+from vlmablate.world.scenes import sample_scene, scene_rng
+
+MAX_POSITIONS = 512  # room for the board plus a long dialogue in stage 2
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """The LM's shape, its schedule, and the mix of documents it reads."""
+
+    hidden: int = 192
+    layers: int = 4
+    heads: int = 6
+    kv_heads: int = 2
+    intermediate: int = 512
+    rope_theta: float = 10_000.0
+    steps: int = 800
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: float = 0.05
+    pool: int = 4  # batches drawn together and grouped by length
+    seed: int = 0
+    caption_share: float = 0.1
+    text_share: float = 0.1
+    reading: ReadingConfig = field(default_factory=ReadingConfig)
+    eval_every: int = 100
+    probe_per_kind: int = 50
+
+
+def world_tokenizer(vocab_size: int = 768, n_scenes: int = 2000):
+    """The world's BPE tokenizer, trained on a fixed corpus of its language (captions, descriptions,
+    questions and their answers, text-only dialogues, LLaVA's prompts), independent of `world.seed`."""
+    from vlmablate.world.data import CAPTION_PROMPTS, CHOICE_PROMPT, DETAIL_PROMPTS, SHORT_ANSWER_PROMPT
+
+    rng, texts = random.Random("world-tokenizer"), []
+    for i in range(n_scenes):
+        scene = sample_scene(scene_rng(0, "tokenizer", i))
+        texts += [language.caption(scene, rng), language.describe(scene)]
+        for item in language.questions(scene, rng):
+            texts += [item["question"], item["sentence"], *item["options"]]
+        texts += [t for turn in language.text_only_dialogue(rng) for t in turn]
+    texts += [SYSTEM, *CAPTION_PROMPTS, *DETAIL_PROMPTS, CHOICE_PROMPT, SHORT_ANSWER_PROMPT]
+    # Option letters as single tokens (" A", " B", ...), as real LLM vocabularies have them.
+    return train_tiny_tokenizer(vocab_size, extra_text=" ".join(texts + ["A B C D"] * 2000))
+
+
+def llama_config(cfg: ReaderConfig, tokenizer) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=MAX_POSITIONS, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+    )
+
+
+def caption_document(scene, rng: random.Random, enc: Encoder) -> ReadingDoc:
+    """Stage 1's `plain` sample: BOS, the board, the caption and "\\n"; loss on the caption and "\\n"."""
+    text = enc.encode(language.caption(scene, rng) + "\n")
+    ids = [enc.tokenizer.bos_token_id, *([enc.image_token_id] * N_CELLS), *text]
+    return ReadingDoc(ids, [False] * (1 + N_CELLS) + [True] * len(text), scene=scene)
+
+
+def text_document(rng: random.Random, enc: Encoder) -> ReadingDoc:
+    """A text-only dialogue in the chat template; loss on every token. No board: `scene` is None."""
+    messages = [{"role": role, "content": text} for q, a in language.text_only_dialogue(rng)
+                for role, text in (("user", q), ("assistant", a))]
+    ids = [enc.tokenizer.bos_token_id, *enc.encode(enc.tokenizer.apply_chat_template(messages, tokenize=False))]
+    return ReadingDoc(ids, [True] * len(ids), scene=None)
+
+
+class DocumentStream:
+    """Batches of documents, drawn `pool` batches at a time and grouped by length."""
+
+    def __init__(self, cfg: ReaderConfig, enc: Encoder):
+        self.cfg, self.enc = cfg, enc
+        self.rng = random.Random(f"reader/{cfg.seed}")
+        self.queue: list[list[ReadingDoc]] = []
+
+    def document(self, step: int) -> ReadingDoc:
+        r = self.rng.random()
+        if r < self.cfg.text_share:
+            return text_document(self.rng, self.enc)
+        scene = sample_scene(self.rng, max_objects=self.cfg.reading.max_objects_at(step))
+        if r < self.cfg.text_share + self.cfg.caption_share:
+            return caption_document(scene, self.rng, self.enc)
+        return reading_document(scene, self.rng, self.enc, self.cfg.reading)
+
+    def batch(self, step: int) -> list[ReadingDoc]:
+        if not self.queue:
+            docs = sorted((self.document(step) for _ in range(self.cfg.batch_size * self.cfg.pool)),
+                          key=lambda d: len(d.input_ids))
+            groups = [docs[i: i + self.cfg.batch_size] for i in range(0, len(docs), self.cfg.batch_size)]
+            self.rng.shuffle(groups)
+            self.queue = groups
+        return self.queue.pop()
+
+
+def batch_inputs(model, board: BoardEmbedding, enc: Encoder, docs: list[ReadingDoc]):
+    """(inputs_embeds, labels, attention_mask) for a batch; rows without a board get a blank one that no
+    position uses (their input ids hold no image token)."""
+    ids, labels, mask = collate(docs, enc.tokenizer.pad_token_id)
+    cells = torch.stack([enc.vocab.cells(d.scene) for d in docs])
+    has_board = (ids == enc.image_token_id).any(1)
+    inputs = model.get_input_embeddings()(ids)
+    if has_board.any():
+        inputs[has_board] = embed_inputs(model, board, ids[has_board], cells[has_board], enc.image_token_id)
+    return inputs, labels, mask
+
+
+def train_reader(cfg: ReaderConfig, tokenizer, *, progress: bool = True, log=print):
+    """Train a LlamaForCausalLM and its BoardEmbedding; return (model, board, metrics).
+
+    metrics["probe"] is the reading probe per kind at every `eval_every` steps and at the end;
+    metrics["blank"] is the final model's score on empty boards."""
+    enc = Encoder(tokenizer)
+    items = probe_items(enc, cfg.reading.kinds, cfg.probe_per_kind)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = LlamaForCausalLM(llama_config(cfg, tokenizer))
+        board = BoardEmbedding(cfg.hidden, enc.vocab.place_ids)
+        history, losses = [], []
+        params = [*model.parameters(), *board.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
+        schedule = get_cosine_schedule_with_warmup(optimizer, max(1, int(cfg.steps * cfg.warmup)), cfg.steps)
+        stream = DocumentStream(cfg, enc)
+        start = time.perf_counter()
+        model.train()
+        for step in tqdm(range(1, cfg.steps + 1), desc="reader pretraining", disable=not progress):
+            inputs, labels, mask = batch_inputs(model, board, enc, stream.batch(step))
+            logits = model(inputs_embeds=inputs, attention_mask=mask).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=IGNORE_INDEX)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                scores = reading_probe(model, board, enc, items)
+                window = losses[-cfg.eval_every:]
+                history.append({"step": step, "seconds": round(time.perf_counter() - start, 1),
+                                "loss": round(sum(window) / len(window), 4), "probe": scores})
+                log(format_probe_row(history[-1]))
+        model.eval()
+        blank = reading_probe(model, board, enc, items, blank=True)
+    metrics = {"probe": history, "blank": blank, "train_seconds": round(time.perf_counter() - start, 1),
+               "params": sum(p.numel() for p in model.parameters()),
+               "final_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4) if losses else math.nan}
+    return model, board, metrics
+
+
+def format_probe_row(entry: dict) -> str:
+    scores = entry["probe"]
+    mean = sum(scores.values()) / len(scores)
+    return (f"step {entry['step']:>5}  {entry['seconds']:>6.0f}s  loss {entry['loss']:.3f}  mean {mean:.2f}  "
+            + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))

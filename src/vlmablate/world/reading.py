@@ -1,0 +1,175 @@
+"""Reading documents and the reading probe: how the world's LM learns, and shows, that it can read a board.
+
+A reading document is one conversation in the Vicuna v1 layout that stage 2 and the evaluation use,
+with the board where `<image>` stands:
+
+    <s>[system ]USER: <16 cells>\\n{question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT: ...</s>
+
+Its questions are the world's own (`language.question`, the benchmark's eight kinds), answered with the
+short canonical answer (as LLaVA-1.5's "Answer the question using a single word or phrase." asks) or
+with the full sentence. The loss covers every token but the cells (and, with `loss="answer"`, only the
+answers): predicting a question ("Is there a red ...") is itself a lookup on the board.
+
+`reading_probe` scores held-out boards, one question each, per kind: greedy exact match of the short
+answer and its `</s>`, computed in one teacher-forced forward (every answer token the argmax is exactly
+what greedy decoding would produce). With `blank=True` the boards are empty: the score of a model
+that does not read them.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmablate.world import language
+from vlmablate.world.board import N_CELLS, BoardEmbedding, BoardVocabulary, embed_inputs
+from vlmablate.world.scenes import Scene, sample_scene, scene_rng
+
+IGNORE_INDEX = -100
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the human's questions.")
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+FORMATS = ("short", "sentence")
+
+
+@dataclass(frozen=True)
+class ReadingConfig:
+    """What the reading documents hold."""
+
+    kinds: tuple[str, ...] = language.CATEGORIES
+    formats: tuple[str, ...] = ("short",)
+    qa_per_doc: tuple[int, int] = (3, 5)
+    suffix_share: float = 0.3  # short questions that carry LLaVA-1.5's "single word or phrase" line
+    system_share: float = 0.2  # documents that start with the system prompt
+    loss: str = "all"  # "all": questions and answers; "answer": answers only
+    max_objects: int = 5
+    curriculum_steps: int = 0  # the most objects a board holds grows 1 -> max_objects over these steps
+
+    def __post_init__(self):
+        unknown = sorted(set(self.kinds) - set(language.CATEGORIES)) + sorted(set(self.formats) - set(FORMATS))
+        if unknown or self.loss not in ("all", "answer") or not self.kinds or not self.formats:
+            raise ValueError(f"bad reading config: kinds {self.kinds}, formats {self.formats}, loss {self.loss!r}")
+
+    def max_objects_at(self, step: int) -> int:
+        if not self.curriculum_steps:
+            return self.max_objects
+        return min(self.max_objects, 1 + int(step * (self.max_objects - 1) / self.curriculum_steps))
+
+
+@dataclass
+class ReadingDoc:
+    input_ids: list[int]
+    learn: list[bool]  # which positions the loss covers
+    answers: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, kind) token spans
+    scene: Scene | None = None
+
+
+class Encoder:
+    """Cached tokenization of the few thousand distinct strings the documents are made of."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        self.vocab = BoardVocabulary(tokenizer)
+        self.encode = functools.lru_cache(maxsize=None)(self._encode)
+
+    def _encode(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _turn(scene: Scene, kind: str, fmt: str, rng: random.Random, suffix: bool) -> tuple[str, str] | None:
+    item = language.question(scene, kind, rng)
+    if item is None:
+        return None
+    if fmt == "sentence":
+        return item["question"], item["sentence"]
+    return item["question"] + (SHORT_ANSWER if suffix else ""), item["answer"]
+
+
+def reading_document(scene: Scene, rng: random.Random, enc: Encoder, cfg: ReadingConfig, *,
+                     turns: list[tuple[str, str, str]] | None = None, system: bool | None = None) -> ReadingDoc:
+    """One conversation about `scene`: `turns` (question, answer, kind) if given, else drawn from `cfg`."""
+    if turns is None:
+        turns, wanted = [], rng.randint(*cfg.qa_per_doc)
+        for _ in range(wanted * 4):  # a spatial question needs two objects: draw again when one is refused
+            kind, fmt = rng.choice(cfg.kinds), rng.choice(cfg.formats)
+            turn = _turn(scene, kind, fmt, rng, rng.random() < cfg.suffix_share)
+            if turn is not None:
+                turns.append((*turn, kind))
+            if len(turns) == wanted:
+                break
+    if system is None:
+        system = rng.random() < cfg.system_share
+    doc = ReadingDoc([], [], scene=scene)
+    tok = enc.tokenizer
+
+    def add(ids, learn: bool) -> None:
+        doc.input_ids.extend(ids)
+        doc.learn.extend([learn] * len(ids))
+
+    add((tok.bos_token_id, *enc.encode((SYSTEM + " " if system else "") + "USER: ")), cfg.loss == "all")
+    add((enc.image_token_id,) * N_CELLS, False)
+    for i, (question, answer, kind) in enumerate(turns):
+        add(enc.encode(("\n" if i == 0 else "USER: ") + question + " ") + enc.encode("ASSISTANT:"), cfg.loss == "all")
+        start = len(doc.input_ids)
+        add((*enc.encode(" " + answer), tok.eos_token_id), True)
+        doc.answers.append((start, len(doc.input_ids), kind))
+    return doc
+
+
+def collate(docs: list[ReadingDoc], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels, attention_mask), right-padded to the longest document."""
+    width = max(len(d.input_ids) for d in docs)
+    ids = torch.full((len(docs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(docs), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(docs), width), dtype=torch.long)
+    for i, d in enumerate(docs):
+        row = torch.tensor(d.input_ids, dtype=torch.long)
+        ids[i, : len(row)] = row
+        labels[i, : len(row)] = row.masked_fill(~torch.tensor(d.learn), IGNORE_INDEX)
+        mask[i, : len(row)] = 1
+    return ids, labels, mask
+
+
+def probe_items(enc: Encoder, kinds: tuple[str, ...], n_per_kind: int, seed: int = 0) -> dict[str, list[ReadingDoc]]:
+    """Held-out single-question documents per kind, in the evaluation's format (system prompt and the short-answer
+    line), on boards of 1-5 objects from a split no training document draws from."""
+    cfg = ReadingConfig(kinds=kinds)
+    items = {}
+    for kind in kinds:
+        rng, docs, i = random.Random(f"reading-probe/{seed}/{kind}"), [], 0
+        while len(docs) < n_per_kind:
+            scene = sample_scene(scene_rng(seed, "reading_probe", i))
+            i += 1
+            turn = _turn(scene, kind, "short", rng, suffix=True)
+            if turn is not None:
+                docs.append(reading_document(scene, rng, enc, cfg, turns=[(*turn, kind)], system=True))
+        items[kind] = docs
+    return items
+
+
+@torch.no_grad()
+def reading_probe(model, board: BoardEmbedding, enc: Encoder, items: dict[str, list[ReadingDoc]], *,
+                  blank: bool = False, batch_size: int = 64) -> dict[str, float]:
+    """Greedy exact-match accuracy per kind on `items` (from `probe_items`); `blank` reads empty boards."""
+    was_training = model.training
+    model.eval()
+    scores = {}
+    for kind, docs in items.items():
+        correct = 0
+        for start in range(0, len(docs), batch_size):
+            chunk = docs[start: start + batch_size]
+            ids, _, mask = collate(chunk, enc.tokenizer.pad_token_id)
+            cells = torch.stack([enc.vocab.cells(None if blank else d.scene) for d in chunk])
+            logits = model(inputs_embeds=embed_inputs(model, board, ids, cells, enc.image_token_id),
+                           attention_mask=mask).logits
+            predicted = logits.argmax(-1)
+            for row, d in enumerate(chunk):
+                (a, b, _), = d.answers
+                correct += bool((predicted[row, a - 1: b - 1] == ids[row, a:b]).all())
+        scores[kind] = round(correct / len(docs), 4)
+    model.train(was_training)
+    return scores

@@ -1,0 +1,85 @@
+"""The reader LM's pretraining: its tokenizer holds every board word as one token, its document stream
+follows the configured shares, and a test-size run is deterministic and learns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from vlmablate.world.board import N_CELLS, BoardEmbedding, attribute_words, single_token_id
+from vlmablate.world.reader import (
+    DocumentStream,
+    ReaderConfig,
+    batch_inputs,
+    llama_config,
+    train_reader,
+    world_tokenizer,
+)
+from vlmablate.world.reading import Encoder, ReadingConfig
+
+TINY = ReaderConfig(hidden=32, layers=2, heads=2, kv_heads=2, intermediate=64, steps=40, batch_size=8, lr=3e-3,
+                    pool=2, eval_every=20, probe_per_kind=10,
+                    reading=ReadingConfig(kinds=("colour", "shape"), curriculum_steps=20))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return world_tokenizer()
+
+
+def test_the_world_tokenizer_has_every_board_word_as_one_token(tokenizer):
+    ids = [single_token_id(tokenizer, w) for w in attribute_words()]
+    assert len(set(ids)) == len(ids) == 19  # 2 sizes, 6 colours, 5 shapes, 2 fills, 4 place words
+    assert [len(tokenizer(" " + x, add_special_tokens=False)["input_ids"]) for x in "ABCD"] == [1, 1, 1, 1]
+    assert world_tokenizer().get_vocab() == tokenizer.get_vocab()  # a fixed corpus: the same tokenizer
+
+
+def test_the_document_stream_follows_its_shares(tokenizer):
+    enc = Encoder(tokenizer)
+    only_text = DocumentStream(dataclasses.replace(TINY, text_share=1.0, caption_share=0.0), enc)
+    docs = [d for step in range(1, 5) for d in only_text.batch(step)]
+    assert len(docs) == 4 * TINY.batch_size
+    assert all(d.scene is None and enc.image_token_id not in d.input_ids and all(d.learn) for d in docs)
+    only_captions = DocumentStream(dataclasses.replace(TINY, text_share=0.0, caption_share=1.0), enc)
+    for d in only_captions.batch(1):
+        assert d.input_ids[1: 1 + N_CELLS] == [enc.image_token_id] * N_CELLS
+        assert d.learn == [False] * (1 + N_CELLS) + [True] * (len(d.input_ids) - 1 - N_CELLS)
+        assert tokenizer.decode(d.input_ids[1 + N_CELLS:]).endswith("\n")
+    # Grouped by length: a pool of batches is sorted before it is cut.
+    reading = DocumentStream(dataclasses.replace(TINY, text_share=0.0, caption_share=0.0, pool=4), enc)
+    batches = [reading.batch(1) for _ in range(4)]
+    spans = sorted((min(len(d.input_ids) for d in b), max(len(d.input_ids) for d in b)) for b in batches)
+    assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:]))
+
+
+def test_mixed_batches_embed_boards_only_where_there_are_image_tokens(tokenizer):
+    enc = Encoder(tokenizer)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(TINY, tokenizer))
+    board = BoardEmbedding(TINY.hidden, enc.vocab.place_ids)
+    docs = DocumentStream(dataclasses.replace(TINY, text_share=0.5, caption_share=0.0, pool=1), enc).batch(1)
+    inputs, labels, mask = batch_inputs(model, board, enc, docs)
+    pad = tokenizer.pad_token_id
+    plain = model.get_input_embeddings()(torch.tensor([d.input_ids + [pad] * (inputs.shape[1] - len(d.input_ids))
+                                                       for d in docs]))
+    for i, d in enumerate(docs):
+        differs = (inputs[i] != plain[i]).any(-1)
+        expected = torch.zeros(inputs.shape[1], dtype=torch.bool)
+        expected[: len(d.input_ids)] = torch.tensor(d.input_ids) == enc.image_token_id
+        assert torch.equal(differs, expected)
+    assert int(mask.sum()) == sum(len(d.input_ids) for d in docs)
+
+
+def test_a_test_size_reader_is_deterministic_and_learns(tokenizer):
+    model, board, metrics = train_reader(TINY, tokenizer, progress=False, log=lambda row: None)
+    again, board_again, metrics_again = train_reader(TINY, tokenizer, progress=False, log=lambda row: None)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert torch.equal(board.place, board_again.place)
+    untimed = lambda history: [{k: v for k, v in e.items() if k != "seconds"} for e in history]  # noqa: E731
+    assert untimed(metrics["probe"]) == untimed(metrics_again["probe"])
+    assert [e["step"] for e in metrics["probe"]] == [20, 40]
+    assert set(metrics["probe"][-1]["probe"]) == set(metrics["blank"]) == {"colour", "shape"}
+    assert metrics["probe"][-1]["loss"] < metrics["probe"][0]["loss"] < 7.0
