@@ -188,8 +188,9 @@ class StageConfig:
     template: str = "chat"  # plain | chat
     lr: float = 2e-5
     image_aspect: str = "pad"  # square | pad | anyres (model.image_aspect, when set, wins)
-    # random | length (HF's length grouping) | modality_length (LLaVA's group_by_modality_length)
-    sampler: str = "modality_length"
+    # random | length (HF's length grouping) | modality_length (LLaVA's group_by_modality_length) |
+    # modality_megabatch (HF's megabatches within each modality) | sorted (fixed batches); see data/sampler.py
+    sampler: str = "modality_megabatch"
     # The recipe's global batch (LLaVA: 256 in stage 1, 128 in stage 2); presets with
     # train.gradient_accumulation_steps=null derive their accumulation from it.
     global_batch_size: Optional[int] = None
@@ -360,7 +361,7 @@ _CHOICES = {
     "stage.image_aspect": ("square", "pad", "anyres"),
     "model.image_aspect": (None, "square", "pad", "anyres"),
     "data.on_bad_sample": ("error", "skip"),
-    "stage.sampler": ("random", "length", "modality_length"),
+    "stage.sampler": ("random", "length", "modality_length", "modality_megabatch", "sorted"),
     "logger.name": ("none", "wandb"),
     "eval.mode": ("generate", "likelihood"),
     "eval.circular": ("auto", "expand", "off"),
