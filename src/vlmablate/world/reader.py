@@ -80,9 +80,11 @@ def world_tokenizer(vocab_size: int = 768, n_scenes: int = 2000):
         for item in language.questions(scene, rng):
             texts += [item["question"], item["sentence"], *item["options"]]
         texts += [t for turn in language.text_only_dialogue(rng) for t in turn]
-    texts += [SYSTEM, *CAPTION_PROMPTS, *DETAIL_PROMPTS, CHOICE_PROMPT, SHORT_ANSWER_PROMPT]
-    # Option letters as single tokens (" A", " B", ...), as real LLM vocabularies have them.
-    return train_tiny_tokenizer(vocab_size, extra_text=" ".join(texts + ["A B C D"] * 2000))
+    # The prompts every conversation repeats (the system prompt, LLaVA's instructions), the chat template's
+    # role markers and the option letters (" A", " B", ...) weigh as they do in a chat model's training
+    # text, so each comes out as a few tokens rather than letter by letter.
+    fixed = [SYSTEM, *CAPTION_PROMPTS, *DETAIL_PROMPTS, CHOICE_PROMPT, SHORT_ANSWER_PROMPT, "USER: ASSISTANT:"]
+    return train_tiny_tokenizer(vocab_size, extra_text=" ".join(texts + fixed * 1000 + ["A B C D"] * 4000))
 
 
 def llama_config(cfg: ReaderConfig, tokenizer) -> LlamaConfig:

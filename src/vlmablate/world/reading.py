@@ -6,9 +6,11 @@ with the board where `<image>` stands:
     <s>[system ]USER: <16 cells>\\n{question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT: ...</s>
 
 Its questions are the world's own (`language.question`, the benchmark's eight kinds), answered with the
-short canonical answer (as LLaVA-1.5's "Answer the question using a single word or phrase." asks) or
-with the full sentence. The loss covers every token but the cells (and, with `loss="answer"`, only the
-answers): predicting a question ("Is there a red ...") is itself a lookup on the board.
+short canonical answer (as LLaVA-1.5's "Answer the question using a single word or phrase." asks), with
+the full sentence, or with an option's letter in MMBench's layout. Some documents open with the detailed
+description stage 2 also asks for (every object with its size, fill, colour and place, in reading order).
+The loss covers every token but the cells (with `loss="answer"`, only the answers): predicting a question
+("Is there a red ...") is itself a lookup on the board.
 
 `reading_probe` scores held-out boards, one question each, per kind: greedy exact match of the short
 answer and its `</s>`, computed in one teacher-forced forward (every answer token the argmax is exactly
@@ -32,7 +34,10 @@ IGNORE_INDEX = -100
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the human's questions.")
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
-FORMATS = ("short", "sentence")
+DETAIL_PROMPTS = ("Describe the image in detail.", "Describe every shape in the image.")
+CHOICE_ANSWER = "Answer with the option's letter from the given choices directly."  # LLaVA-1.5's MMBench line
+LETTERS = "ABCD"
+FORMATS = ("short", "sentence", "choice")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class ReadingConfig:
     loss: str = "all"  # "all": questions and answers; "answer": answers only
     max_objects: int = 5
     curriculum_steps: int = 0  # the most objects a board holds grows 1 -> max_objects over these steps
+    describe_share: float = 0.0  # documents that open with a detailed description (every object, in order)
 
     def __post_init__(self):
         unknown = sorted(set(self.kinds) - set(language.CATEGORIES)) + sorted(set(self.formats) - set(FORMATS))
@@ -86,6 +92,9 @@ def _turn(scene: Scene, kind: str, fmt: str, rng: random.Random, suffix: bool) -
         return None
     if fmt == "sentence":
         return item["question"], item["sentence"]
+    if fmt == "choice":  # MMBench's layout: the options under the question, the letter as the answer
+        options = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(item["options"]))
+        return f"{item['question']}\n{options}\n{CHOICE_ANSWER}", LETTERS[item["options"].index(item["answer"])]
     return item["question"] + (SHORT_ANSWER if suffix else ""), item["answer"]
 
 
@@ -94,6 +103,9 @@ def reading_document(scene: Scene, rng: random.Random, enc: Encoder, cfg: Readin
     """One conversation about `scene`: `turns` (question, answer, kind) if given, else drawn from `cfg`."""
     if turns is None:
         turns, wanted = [], rng.randint(*cfg.qa_per_doc)
+        if cfg.describe_share and rng.random() < cfg.describe_share:
+            turns.append((rng.choice(DETAIL_PROMPTS), language.describe(scene), "describe"))
+            wanted += 1
         for _ in range(wanted * 4):  # a spatial question needs two objects: draw again when one is refused
             kind, fmt = rng.choice(cfg.kinds), rng.choice(cfg.formats)
             turn = _turn(scene, kind, fmt, rng, rng.random() < cfg.suffix_share)
@@ -134,17 +146,19 @@ def collate(docs: list[ReadingDoc], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, labels, mask
 
 
-def probe_items(enc: Encoder, kinds: tuple[str, ...], n_per_kind: int, seed: int = 0) -> dict[str, list[ReadingDoc]]:
-    """Held-out single-question documents per kind, in the evaluation's format (system prompt and the short-answer
-    line), on boards of 1-5 objects from a split no training document draws from."""
+def probe_items(enc: Encoder, kinds: tuple[str, ...], n_per_kind: int, seed: int = 0,
+                fmt: str = "short") -> dict[str, list[ReadingDoc]]:
+    """Held-out single-question documents per kind, in the evaluation's format (system prompt, and the
+    short-answer line or MMBench's options), on boards of 1-5 objects from a split no training document
+    draws from."""
     cfg = ReadingConfig(kinds=kinds)
     items = {}
     for kind in kinds:
-        rng, docs, i = random.Random(f"reading-probe/{seed}/{kind}"), [], 0
+        rng, docs, i = random.Random(f"reading-probe/{seed}/{kind}/{fmt}"), [], 0
         while len(docs) < n_per_kind:
             scene = sample_scene(scene_rng(seed, "reading_probe", i))
             i += 1
-            turn = _turn(scene, kind, "short", rng, suffix=True)
+            turn = _turn(scene, kind, fmt, rng, suffix=True)
             if turn is not None:
                 docs.append(reading_document(scene, rng, enc, cfg, turns=[(*turn, kind)], system=True))
         items[kind] = docs
