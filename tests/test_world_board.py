@@ -157,3 +157,25 @@ def test_the_probe_scores_the_answer_tokens(enc):
     vocab = len(enc.tokenizer)
     assert reading_probe(_Oracle(vocab, True), board, enc, items) == {"colour": 1.0, "spatial": 1.0}
     assert reading_probe(_Oracle(vocab, False), board, enc, items) == {"colour": 0.0, "spatial": 0.0}
+
+
+def test_choice_answers_are_the_letter_of_the_right_option(enc):
+    from vlmablate.world.reading import CHOICE_ANSWER
+
+    cfg = ReadingConfig(kinds=("colour",), formats=("choice",), qa_per_doc=(1, 1), system_share=0.0)
+    for seed in range(10):
+        doc = reading_document(SCENE, random.Random(seed), enc, cfg)
+        (a, b, kind), = doc.answers
+        text = enc.tokenizer.decode(doc.input_ids[:a])
+        options = dict(line.split(". ", 1) for line in text.split("\n") if line[:2] in ("A.", "B.", "C.", "D."))
+        letter = enc.tokenizer.decode(doc.input_ids[a:b]).strip().removesuffix("</s>")
+        truth = "red" if "diamond" in text.split("\n")[1] else "blue"
+        assert kind == "colour" and text.endswith(CHOICE_ANSWER + " ASSISTANT:") and options[letter] == truth
+
+
+def test_a_described_document_opens_with_every_object(enc):
+    cfg = ReadingConfig(kinds=("size",), describe_share=1.0, qa_per_doc=(2, 2), system_share=0.0)
+    doc = reading_document(SCENE, random.Random(0), enc, cfg)
+    assert [k for _, _, k in doc.answers] == ["describe", "size", "size"]
+    a, b, _ = doc.answers[0]
+    assert enc.tokenizer.decode(doc.input_ids[a:b]) == " " + language.describe(SCENE) + "</s>"
