@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from vlmablate.config import register_configs
-from vlmablate.train.distributed import leave_process_group, replica_overrides
+from vlmablate.train.distributed import is_main, leave_process_group, replica_overrides
 
 register_configs()
 
@@ -27,6 +29,14 @@ def cli() -> None:
         main()
     finally:
         leave_process_group()
+    if not is_main():
+        # A replica that finished leaves without the interpreter's teardown: there, gloo's threads can
+        # outlive what they use and abort a rank whose run completed ("terminate called without an active
+        # exception", exit -6), which fails the whole launch. Rank 0 writes every artifact and exits normally.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
