@@ -160,7 +160,7 @@ def test_the_probe_scores_the_answer_tokens(enc):
 
 
 def test_choice_answers_are_the_letter_of_the_right_option(enc):
-    from vlmablate.world.reading import CHOICE_ANSWER
+    from vlmablate.world.data import CHOICE_PROMPT
 
     cfg = ReadingConfig(kinds=("colour",), formats=("choice",), qa_per_doc=(1, 1), system_share=0.0)
     for seed in range(10):
@@ -170,7 +170,7 @@ def test_choice_answers_are_the_letter_of_the_right_option(enc):
         options = dict(line.split(". ", 1) for line in text.split("\n") if line[:2] in ("A.", "B.", "C.", "D."))
         letter = enc.tokenizer.decode(doc.input_ids[a:b]).strip().removesuffix("</s>")
         truth = "red" if "diamond" in text.split("\n")[1] else "blue"
-        assert kind == "colour" and text.endswith(CHOICE_ANSWER + " ASSISTANT:") and options[letter] == truth
+        assert kind == "colour" and text.endswith(CHOICE_PROMPT + " ASSISTANT:") and options[letter] == truth
 
 
 def test_a_described_document_opens_with_every_object(enc):

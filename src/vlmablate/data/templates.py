@@ -22,9 +22,10 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 # Vicuna v1 as LLaVA writes it (conv_vicuna_v1, sep " " after user turns and "</s>" after assistant
 # turns), as a Jinja chat template so that one mechanism renders every model's conversations.
 # Content may be a string (LLaVA JSON, "<image>\n..." inline) or a list of HF content items.
+VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
+                    "gives helpful, detailed, and polite answers to the human's questions.")
 VICUNA_V1_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system=\"A chat between a curious human and an artificial intelligence "
-    "assistant. The assistant gives helpful, detailed, and polite answers to the human's questions.\") -%}"
+    "{%- set ns = namespace(system=\"" + VICUNA_V1_SYSTEM + "\") -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set ns.system = messages[0]['content'] if messages[0]['content'] is string "
     "else messages[0]['content'][0]['text'] -%}"

@@ -26,17 +26,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlmablate.data.templates import VICUNA_V1_SYSTEM
 from vlmablate.world import language
 from vlmablate.world.board import N_CELLS, BoardEmbedding, BoardVocabulary, embed_inputs
+from vlmablate.world.data import CHOICE_PROMPT, LETTERS, SHORT_ANSWER_PROMPT
 from vlmablate.world.scenes import Scene, sample_scene, scene_rng
 
 IGNORE_INDEX = -100
-SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-          "detailed, and polite answers to the human's questions.")
-SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+SYSTEM = VICUNA_V1_SYSTEM
+SHORT_ANSWER = "\n" + SHORT_ANSWER_PROMPT
 DETAIL_PROMPTS = ("Describe the image in detail.", "Describe every shape in the image.")
-CHOICE_ANSWER = "Answer with the option's letter from the given choices directly."  # LLaVA-1.5's MMBench line
-LETTERS = "ABCD"
 FORMATS = ("short", "sentence", "choice")
 
 
@@ -94,7 +93,7 @@ def _turn(scene: Scene, kind: str, fmt: str, rng: random.Random, suffix: bool) -
         return item["question"], item["sentence"]
     if fmt == "choice":  # MMBench's layout: the options under the question, the letter as the answer
         options = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(item["options"]))
-        return f"{item['question']}\n{options}\n{CHOICE_ANSWER}", LETTERS[item["options"].index(item["answer"])]
+        return f"{item['question']}\n{options}\n{CHOICE_PROMPT}", LETTERS[item["options"].index(item["answer"])]
     return item["question"] + (SHORT_ANSWER if suffix else ""), item["answer"]
 
 
