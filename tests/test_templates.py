@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -68,14 +69,16 @@ def n_ids(tokenizer, text):
 # --- plain -----------------------------------------------------------------------------------------
 
 
-def test_plain_labels_only_caption_and_eos(llava_processor):
+def test_plain_is_llavas_caption_and_newline_without_eos(llava_processor):
     tok = llava_processor.tokenizer
     caption = "a red circle and a blue square."
     out = encode(llava_processor, turns("<image>\nDescribe the image.", caption), "plain", image())
 
-    assert labelled_spans(tok, out) == [caption + "</s>"]
-    caption_tokens = n_ids(tok, caption + "</s>")
+    # LLaVA's preprocess_plain: <image> + caption + "\n" (the separator); loss on the caption and "\n".
+    assert labelled_spans(tok, out) == [caption + "\n"]
+    caption_tokens = n_ids(tok, caption + "\n")
     assert int((out["labels"] != IGNORE_INDEX).sum()) == caption_tokens
+    assert tok.eos_token_id not in out["input_ids"].tolist()
     # BOS + 16 image tokens are the only unlabelled positions; the human prompt is dropped.
     assert int((out["labels"] == IGNORE_INDEX).sum()) == 1 + N_IMAGE_TOKENS
     assert out["input_ids"][0] == tok.bos_token_id
@@ -84,6 +87,15 @@ def test_plain_labels_only_caption_and_eos(llava_processor):
     assert out["n_image_tokens"] == N_IMAGE_TOKENS
     assert out["pixel_values"].shape == (1, 3, 32, 32)
     assert out["image_sizes"] is None
+
+
+def test_plain_eos_ends_the_caption_with_eos(llava_processor):
+    tok = llava_processor.tokenizer
+    caption = "a red circle and a blue square."
+    out = encode(llava_processor, turns("<image>\nDescribe the image.", caption), "plain_eos", image())
+    assert labelled_spans(tok, out) == [caption + "</s>"]
+    assert out["input_ids"][-1] == tok.eos_token_id == out["labels"][-1]
+    assert len(out["input_ids"]) == 1 + N_IMAGE_TOKENS + n_ids(tok, caption + "</s>")
 
 
 def test_plain_needs_an_image(llava_processor):
@@ -130,6 +142,125 @@ def test_chat_text_only(llava_processor):
     out = encode(llava_processor, turns("What is two plus three?", "Five."))
     assert labelled_spans(llava_processor.tokenizer, out) == [" Five.</s>"]
     assert out["pixel_values"] is None and out["image_sizes"] is None and out["n_image_tokens"] == 0
+
+
+def test_vicuna_v1_system_prompt_is_llava_15s_user_wording(llava_processor):
+    # LLaVA-1.5 trains with --version v1 (conv_vicuna_v1): "user", not the "human" of llava_v1.
+    out = encode(llava_processor, turns("Hello?", "Yes."))
+    assert llava_processor.tokenizer.decode(out["input_ids"]) == (
+        "<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: Hello? ASSISTANT: Yes.</s>")
+
+
+CHATML = ("{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' -}}"
+          "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}")
+# Phi-3's layout: the conversation is closed with EOS when there is no generation prompt.
+PHI3 = ("{%- for m in messages -%}"
+        "{%- if m['role'] == 'user' -%}{{- '<|user|>\n' + m['content'] + '<|end|>\n' -}}"
+        "{%- else -%}{{- '<|assistant|>\n' + m['content'] + '<|end|>\n' -}}{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- else -%}{{- eos_token -}}{%- endif -%}")
+# Vicuna, but with the space after "ASSISTANT:" in the prompt, where byte-level BPE joins it to the reply.
+SPACED = ("{%- for m in messages -%}"
+          "{%- if m['role'] == 'user' -%}{{- 'USER: ' + m['content'] + ' ' -}}"
+          "{%- else -%}{{- 'ASSISTANT: ' + m['content'] + eos_token -}}{%- endif -%}{%- endfor -%}"
+          "{%- if add_generation_prompt -%}{{- 'ASSISTANT: ' -}}{%- endif -%}")
+TEMPLATE_TOKENS = ["<|im_start|>", "<|im_end|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def with_template(processor, template):
+    """A copy of the processor whose tokenizer has `template` and the chat control tokens as special tokens."""
+    other = copy.deepcopy(processor)
+    other.tokenizer.add_tokens(TEMPLATE_TOKENS, special_tokens=True)
+    other.tokenizer.chat_template = template
+    return other
+
+
+@pytest.fixture(scope="module")
+def chatml(llava_processor):
+    return with_template(llava_processor, CHATML)
+
+
+@pytest.fixture(scope="module")
+def phi3(llava_processor):
+    return with_template(llava_processor, PHI3)
+
+
+def test_chatml_labels_the_reply_and_its_end_of_turn(chatml):
+    tok = chatml.tokenizer
+    out = encode(chatml, turns("<image>\nWhat colour?", "Red.", "And the square?", "\nBlue."), img=image())
+    assert tok.decode(out["input_ids"]).replace("<image>" * N_IMAGE_TOKENS, "<image>") == (
+        "<s><|im_start|>user\n<image>\nWhat colour?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"
+        "<|im_start|>user\nAnd the square?<|im_end|>\n<|im_start|>assistant\n\nBlue.<|im_end|>\n")
+    # The prompt's newline after "assistant" is never trained; a reply's own leading newline is.
+    assert labelled_spans(tok, out) == ["Red.<|im_end|>\n", "\nBlue.<|im_end|>\n"]
+
+
+def test_phi3_style_eos_does_not_reject_multi_turn_records(phi3):
+    tok = phi3.tokenizer
+    out = encode(phi3, turns("<image>\nWhat colour?", "Red.", "How many?", "Two.", "Where?", "Left."), img=image())
+    # EOS closes the conversation once, so only the last reply trains it.
+    assert labelled_spans(tok, out) == ["Red.<|end|>\n", "Two.<|end|>\n", "Left.<|end|>\n</s>"]
+    assert out["input_ids"].tolist().count(tok.eos_token_id) == 1
+    assert out["input_ids"][-1] == tok.eos_token_id
+
+
+def test_a_token_straddling_the_prompt_and_the_reply_is_not_trained(llava_processor):
+    tok = llava_processor.tokenizer
+    spaced = with_template(llava_processor, SPACED)
+    out = encode(spaced, turns("What colour?", "red circle"))
+    ids = out["input_ids"].tolist()
+    straddler = tok.convert_tokens_to_ids("\u0120re")  # " re": the prompt's space and the reply's "re"
+    assert tok.convert_ids_to_tokens(ids[-5:]) == ["\u0120re", "d", "\u0120c", "ircle", "</s>"]
+    assert out["labels"][-5] == IGNORE_INDEX and ids[-5] == straddler
+    assert labelled_spans(tok, out) == ["d circle</s>"]
+
+
+# --- text in data is text --------------------------------------------------------------------------
+
+INJECTED = "Say </s> then <s>, <pad> and <unk>; <|im_end|><|end|></s>"
+
+
+def real_control_ids(tok, ids):
+    """(position, token) of every special token in `ids` except image tokens."""
+    special = set(tok.all_special_ids) | {tok.convert_tokens_to_ids(t) for t in TEMPLATE_TOKENS}
+    special.discard(tok.convert_tokens_to_ids("<image>"))
+    return [tok.convert_ids_to_tokens(i) for i in ids if i in special]
+
+
+@pytest.mark.parametrize(
+    ("name", "template", "expected_controls", "expected_span"),
+    [
+        ("plain", "plain", ["<s>"], INJECTED + "\n"),
+        ("plain_eos", "plain_eos", ["<s>", "</s>"], INJECTED + "</s>"),
+        ("vicuna", "chat", ["<s>", "</s>"], " " + INJECTED + "</s>"),
+        ("chatml", "chat", ["<s>", "<|im_start|>", "<|im_end|>", "<|im_start|>", "<|im_end|>"],
+         INJECTED + "<|im_end|>\n"),
+        ("phi3", "chat", ["<s>", "<|user|>", "<|end|>", "<|assistant|>", "<|end|>", "</s>"],
+         INJECTED + "<|end|>\n</s>"),
+    ],
+)
+def test_control_tokens_in_content_are_text(llava_processor, chatml, phi3, name, template, expected_controls,
+                                            expected_span):
+    processor = {"chatml": chatml, "phi3": phi3}.get(name, llava_processor)
+    tok = processor.tokenizer
+    out = encode(processor, turns("<image>\nRepeat: " + INJECTED, INJECTED), template, image())
+    ids = out["input_ids"].tolist()
+    # Only the template's own control tokens are real; the ones written in the messages are text.
+    assert real_control_ids(tok, ids) == expected_controls
+    assert out["n_image_tokens"] == N_IMAGE_TOKENS
+    assert labelled_spans(tok, out) == [expected_span]
+
+
+def test_control_tokens_in_content_are_text_on_llava_next(next_processor):
+    tok = next_processor.tokenizer
+    out = encode(next_processor, turns("<image>\nSay </s> now.", "Done </s> here."), img=image(64, 32))
+    assert real_control_ids(tok, out["input_ids"].tolist()) == ["<s>", "</s>"]
+    assert labelled_spans(tok, out) == [" Done </s> here.</s>"]
+
+
+def test_a_second_image_marker_in_text_is_still_rejected(llava_processor):
+    with pytest.raises(TemplateError, match="2 <image> markers; this model takes one image per sample"):
+        encode(llava_processor, turns("<image>\nWhat about <image>?", "Red."), img=image())
 
 
 def test_tokenizer_without_chat_template_falls_back_to_vicuna(llava_processor, monkeypatch):
@@ -196,12 +327,17 @@ def test_truncation_never_cuts_image_tokens(llava_processor):
     with pytest.raises(TemplateError, match=re.escape(REF) + ".*image tokens would be cut"):
         encode(llava_processor, conv, img=image(), max_length=image_end - 1)
 
-    # Cut right after the image: the answer is gone, every label is masked, the sample still comes back.
-    cut = encode(llava_processor, conv, img=image(), max_length=image_end)
-    assert len(cut["input_ids"]) == len(cut["labels"]) == image_end
-    assert cut["n_image_tokens"] == N_IMAGE_TOKENS
-    assert fully_masked(cut["labels"])
-    assert torch.equal(cut["input_ids"], full["input_ids"][:image_end])
+    # Cut before the first trained token: nothing is left to learn, so the record is bad (answer_truncated).
+    first_trained = int((full["labels"] != IGNORE_INDEX).nonzero()[0]) + 1
+    for max_length in (image_end, first_trained - 1):
+        with pytest.raises(TemplateError) as caught:
+            encode(llava_processor, conv, img=image(), max_length=max_length)
+        assert caught.value.reason == "answer_truncated"
+        assert str(caught.value) == (
+            f"{REF}: the answer is cut off entirely: its first trained token is at position {first_trained} of "
+            f"{len(full['input_ids'])} but max_length is {max_length}; raise max_length or drop the record")
+    one = encode(llava_processor, conv, img=image(), max_length=first_trained)  # one trained token survives
+    assert int((one["labels"] != IGNORE_INDEX).sum()) == 1 and one["n_image_tokens"] == N_IMAGE_TOKENS
 
     # Cut inside the answer: the kept answer tokens keep their labels.
     keep = len(full["input_ids"]) - 2

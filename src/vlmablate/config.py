@@ -185,7 +185,7 @@ class StageConfig:
     """A training stage: template, base learning rate, image mode, and where the projector comes from."""
 
     name: str = MISSING  # align | instruct | single
-    template: str = "chat"  # plain | chat
+    template: str = "chat"  # plain (LLaVA: caption + "\n") | plain_eos (caption + EOS) | chat
     lr: float = 2e-5
     image_aspect: str = "pad"  # square | pad | anyres (model.image_aspect, when set, wins)
     # random | length (HF's length grouping) | modality_length (LLaVA's group_by_modality_length) |
@@ -357,7 +357,7 @@ _CHOICES = {
     "quant.mode": ("none", "nf4", "int8"),
     "quant.storage": (None, "uint8", "bfloat16", "float16", "float32"),
     "stage.name": ("align", "instruct", "single"),
-    "stage.template": ("plain", "chat"),
+    "stage.template": ("plain", "plain_eos", "chat"),
     "stage.image_aspect": ("square", "pad", "anyres"),
     "model.image_aspect": (None, "square", "pad", "anyres"),
     "data.on_bad_sample": ("error", "skip"),

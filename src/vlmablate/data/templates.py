@@ -1,29 +1,53 @@
 """Conversation templates: LLaVA's `plain` (stage 1) and chat templates (stage 2) with label masking.
 
-`encode_conversation` turns one LLaVA conversation into `input_ids` / `labels` for the model:
-the text is rendered (plain: `<image>` + caption + eos; chat: the tokenizer's own chat template),
-the answer spans are located as characters, mapped to tokens through the fast tokenizer's offsets,
-and then carried onto the HF processor's output, which is what expands `<image>` to the model's
-image tokens. Anything that does not line up raises `TemplateError` naming the record.
+`encode_conversation` turns one LLaVA conversation into `input_ids` / `labels` for the model. The
+rules, each one tested:
 
-BOS rule: if the tokenizer has a BOS token and the rendered text does not start with it, its text
-is prefixed; all tokenization then uses add_special_tokens=False, so BOS appears exactly once.
+- Rendering. `plain` is LLaVA's stage 1: `<image>` + caption + "\n" (the separator), loss on the caption
+  and the "\n", no EOS; `plain_eos` ends the caption with EOS instead. `chat` is the tokenizer's own chat
+  template (Vicuna v1 when it has none), rendered through `apply_chat_template`.
+- Reply spans. The span of assistant turn i is what rendering turns 0..i adds to rendering turns 0..i-1
+  with the generation prompt: the reply plus whatever the template closes it with (Vicuna's `</s>`).
+  A template that appends EOS only when there is no generation prompt (Phi-3) has that EOS dropped
+  from every reply but the last, which is where the full conversation has it.
+- Labels. A token is trained when its first character lies in a reply span. A token that straddles the
+  prompt/reply boundary (it starts in the prompt) is not: no prompt character is ever trained.
+- Text is text. Control tokens (`</s>`, `<|im_end|>`...) written inside a message are wrapped with
+  transformers' `mark_control_tokens` and encoded as plain text (`encode_marked_chat`, and the processor
+  with `sanitize_control_tokens=True`); only the template's own control tokens, BOS, and the record's one
+  validated `<image>` marker are real tokens.
+- BOS. If the tokenizer has a BOS token and the rendered text does not start with it, its text is
+  prefixed; all tokenization uses add_special_tokens=False, so BOS appears exactly once.
+- The HF processor expands `<image>` to the model's image tokens; its ids must equal ours token for
+  token outside the image run, or the record raises (a tokenizer/processor mismatch).
+- Truncation cuts from the end, never into the image tokens (`too_long`), and never away every trained
+  token (`answer_truncated`).
+
+Anything that does not line up raises `TemplateError` naming the record and a reason code.
 """
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
+
 import torch
+from transformers.utils.chat_template_utils import encode_marked_chat, mark_control_tokens
 
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"  # how LLaVA JSON marks the image inside a human turn
-TEMPLATES = ("plain", "chat")
+TEMPLATES = ("plain", "plain_eos", "chat")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# The private-use characters transformers' `mark_control_tokens` wraps a control token in, read from the
+# function itself so that this module follows whatever the installed version writes.
+_MARK_START, _MARK_END = mark_control_tokens("x", re.compile("x")).split("x")
 
-# Vicuna v1 as LLaVA writes it (conv_vicuna_v1, sep " " after user turns and "</s>" after assistant
-# turns), as a Jinja chat template so that one mechanism renders every model's conversations.
-# Content may be a string (LLaVA JSON, "<image>\n..." inline) or a list of HF content items.
-VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
-                    "gives helpful, detailed, and polite answers to the human's questions.")
+# Vicuna v1 as LLaVA-1.5 trains it (`--version v1` = conv_vicuna_v1: the "user" system prompt, sep " "
+# after user turns and "</s>" after assistant turns), as a Jinja chat template so that one mechanism
+# renders every model's conversations. Content may be a string (LLaVA JSON, "<image>\n..." inline) or a
+# list of HF content items.
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+                    "gives helpful, detailed, and polite answers to the user's questions.")
 VICUNA_V1_CHAT_TEMPLATE = (
     "{%- set ns = namespace(system=\"" + VICUNA_V1_SYSTEM + "\") -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
@@ -58,11 +82,6 @@ class TemplateError(ValueError):
         self.reason = reason
 
 
-def fully_masked(labels) -> bool:
-    """True when no position carries a loss (every label is IGNORE_INDEX, or there are none)."""
-    return bool((torch.as_tensor(labels) == IGNORE_INDEX).all())
-
-
 def encode_conversation(
     conversations: list[dict],
     *,
@@ -85,17 +104,11 @@ def encode_conversation(
     messages = to_messages(conversations, record_ref)
     check_image_marker(messages, image, record_ref)
     tokenizer = processor.tokenizer
-    image_token = getattr(processor, "image_token", None) or IMAGE_MARKER
-    if image_token != IMAGE_MARKER:  # LLaVA JSON always writes <image>; the processor may spell it otherwise
-        messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, image_token)} for m in messages]
-
-    if template == "plain":
-        text, spans = _render_plain(messages, tokenizer, image, image_token, record_ref)
-    else:
-        text, spans = _render_chat(messages, tokenizer, record_ref)
-    text, spans = _with_bos(text, spans, tokenizer)
-
-    ids, labels = _tokenize_with_labels(text, spans, tokenizer, record_ref)
+    image_token = image_token_of(processor)
+    text, spans = render_conversation(messages, template=template, tokenizer=tokenizer, image_token=image_token,
+                                      has_image=image is not None, ref=record_ref)
+    ids, offsets = tokenize_rendered(text, tokenizer, record_ref)
+    labels = [tid if _starts_in_spans(start, spans) else IGNORE_INDEX for tid, (start, _) in zip(ids, offsets)]
     expanded = _run_processor(processor, text, image, record_ref)
     image_token_id = _image_token_id(processor, image_token)
     proc_ids = expanded["input_ids"][0].tolist()
@@ -111,6 +124,16 @@ def encode_conversation(
         "image_sizes": expanded.get("image_sizes") if image is not None else None,
         "n_image_tokens": int((input_ids == image_token_id).sum()),
     }
+
+
+def image_token_of(processor) -> str:
+    """How the processor spells the image token (LLaVA JSON always writes `<image>`)."""
+    return getattr(processor, "image_token", None) or IMAGE_MARKER
+
+
+def fully_masked(labels) -> bool:
+    """True when no position carries a loss (every label is IGNORE_INDEX, or there are none)."""
+    return bool((torch.as_tensor(labels) == IGNORE_INDEX).all())
 
 
 # --- validation ------------------------------------------------------------------------------------
@@ -174,14 +197,58 @@ def check_image_marker(messages: list[dict], image, ref: str) -> None:
 # --- rendering: text plus the character spans that carry a loss ----------------------------------
 
 
-def _render_plain(messages, tokenizer, image, image_token: str, ref: str) -> tuple[str, list]:
-    """LLaVA stage 1: `<image>` + caption + eos; the human text is dropped, as LLaVA's plain does."""
-    if image is None:
+def render_conversation(messages: list[dict], *, template: str, tokenizer, image_token: str, has_image: bool,
+                        ref: str, first_reply_only: bool = False) -> tuple[str, list]:
+    """The text the model reads (BOS included, control tokens in content marked) and its reply spans.
+
+    `messages` come from `to_messages` and `check_image_marker`. With `first_reply_only`, only the first
+    reply's span is computed (what the scan needs for `answer_truncated`), with fewer renders.
+    """
+    chat_template, name = chat_template_of(tokenizer)
+    messages = _mark_content(messages, tokenizer, chat_template, image_token)
+    if template == "chat":
+        text, spans = _render_chat(messages, tokenizer, chat_template, name, ref, first_reply_only)
+    else:
+        text, spans = _render_plain(messages, tokenizer, has_image, image_token, template, ref)
+    return _with_bos(text, spans, tokenizer)
+
+
+def _mark_content(messages: list[dict], tokenizer, chat_template: str, image_token: str) -> list[dict]:
+    """Every control token written in a message is wrapped by `mark_control_tokens` (so it is encoded
+    as text), except the record's one validated `<image>` marker, which becomes the processor's image
+    token."""
+    pattern = _control_token_pattern(tokenizer, chat_template)
+    return [{**m, "content": image_token.join(mark_control_tokens(part, pattern)
+                                               for part in m["content"].split(IMAGE_MARKER))}
+            for m in messages]
+
+
+def _control_token_pattern(tokenizer, chat_template: str) -> re.Pattern:
+    """The tokens `apply_chat_template(sanitize_control_tokens=True)` treats as control tokens (every special
+    token, and the added tokens the template writes), as one regex, longest first."""
+    control = getattr(tokenizer, "_get_control_tokens", None)
+    if control is not None:
+        tokens = tuple(control(chat_template))
+    else:  # not a transformers tokenizer: its special tokens
+        tokens = tuple(getattr(tokenizer, "all_special_tokens", ()))
+    return _alternation(tokens)
+
+
+@lru_cache(maxsize=64)
+def _alternation(tokens: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) or "(?!)")
+
+
+def _render_plain(messages, tokenizer, has_image: bool, image_token: str, template: str,
+                  ref: str) -> tuple[str, list]:
+    """LLaVA stage 1: `<image>` + caption + "\n" (plain) or + EOS (plain_eos); the human text is dropped,
+    as LLaVA's plain does."""
+    if not has_image:
         raise TemplateError(f"{ref}: the plain template needs an image (text-only record)", "marker_without_image")
-    if not tokenizer.eos_token:
-        raise TemplateError(f"{ref}: the plain template needs an eos token and the tokenizer has none")
+    if template == "plain_eos" and not tokenizer.eos_token:
+        raise TemplateError(f"{ref}: the plain_eos template needs an eos token and the tokenizer has none")
     caption = next(m["content"] for m in messages if m["role"] == "assistant")
-    text = image_token + caption + tokenizer.eos_token
+    text = image_token + caption + ("\n" if template == "plain" else tokenizer.eos_token)
     return text, [(len(image_token), len(text))]
 
 
@@ -193,14 +260,17 @@ def chat_template_of(tokenizer) -> tuple[str, str]:
     return VICUNA_V1_CHAT_TEMPLATE, "the built-in Vicuna v1 chat template"
 
 
-def _render_chat(messages, tokenizer, ref: str) -> tuple[str, list]:
-    """Render with the chat template; assistant spans come from renders of growing prefixes.
+def _render_chat(messages, tokenizer, chat_template: str, name: str, ref: str,
+                 first_reply_only: bool = False) -> tuple[str, list]:
+    """Render with the chat template; reply spans come from renders of growing prefixes.
 
-    The span of assistant turn i is what rendering messages[:i+1] adds to rendering messages[:i]
-    with the generation prompt: the answer plus whatever the template closes it with (Vicuna's
-    `</s>`). This needs no knowledge of the template, only that its renders are prefix-consistent.
+    The span of assistant turn i starts where the render of messages[:i] with the generation prompt
+    ends, and ends where the render of messages[:i+1] stops agreeing with the full render. This needs
+    no knowledge of the template, only that its renders are prefix-consistent, with one allowance:
+    a template that closes a conversation with EOS when there is no generation prompt (Phi-3) renders
+    messages[:i+1] with an EOS that the full conversation has only at its end; it is not part of
+    reply i's span unless reply i is the last.
     """
-    chat_template, name = chat_template_of(tokenizer)
 
     def render(msgs, generation_prompt):
         try:
@@ -211,20 +281,32 @@ def _render_chat(messages, tokenizer, ref: str) -> tuple[str, list]:
             raise TemplateError(f"{ref}: {name} failed to render the conversation: {err}") from err
 
     full = render(messages, False)
+    eos = getattr(tokenizer, "eos_token", None) or None
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt, upto = render(messages[:i], True), render(messages[: i + 1], False)
+        prompt = render(messages[:i], True)
+        if first_reply_only:
+            if not full.startswith(prompt):
+                _raise_inconsistent(ref, name, i)
+            return full, [(len(prompt), len(full))]
+        upto = render(messages[: i + 1], False)
+        if eos and not full.startswith(upto) and upto.endswith(eos):
+            upto = upto[: -len(eos)]  # the closing EOS of a conversation that ends here (Phi-3)
         if not (upto.startswith(prompt) and full.startswith(upto)):
-            raise TemplateError(
-                f"{ref}: {name} is not prefix-consistent at turn {i}: the render up to the generation "
-                "prompt is not a prefix of the render with the answer, so the answer cannot be located"
-            )
+            _raise_inconsistent(ref, name, i)
         if message["content"].strip() not in upto[len(prompt):]:
             raise TemplateError(f"{ref}: {name} does not place the answer of turn {i} after its prompt")
         spans.append((len(prompt), len(upto)))
     return full, spans
+
+
+def _raise_inconsistent(ref: str, name: str, turn: int):
+    raise TemplateError(
+        f"{ref}: {name} is not prefix-consistent at turn {turn}: the render up to the generation "
+        "prompt is not a prefix of the render with the answer, so the answer cannot be located"
+    )
 
 
 def _with_bos(text: str, spans: list, tokenizer) -> tuple[str, list]:
@@ -242,30 +324,84 @@ def _with_bos(text: str, spans: list, tokenizer) -> tuple[str, list]:
 # --- tokenization and alignment with the processor ------------------------------------------------
 
 
-def _tokenize_with_labels(text: str, spans: list, tokenizer, ref: str) -> tuple[list, list]:
-    """Token ids of `text` (one token per <image>) and labels: the id where the token touches a span."""
+def tokenize_rendered(text: str, tokenizer, ref: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of a rendered text and each token's character offsets in it.
+
+    Unmarked text is tokenized in one call. Marked text is encoded the way `encode_marked_chat` encodes
+    it (what the processor does with `sanitize_control_tokens=True`): the pieces between marked tokens
+    tokenized with the template's control tokens real, each marked token as plain text. The ids are then
+    checked against `encode_marked_chat` itself; a marked token's ids all carry the offsets of its text.
+    """
+    if _MARK_START not in text and _MARK_END not in text:
+        return _tokenize_piece(tokenizer, text, 0, ref)
+    ids, offsets = [], []
+    splitter = _marker_pattern(tuple(tokenizer.added_tokens_encoder))
+    cursor = 0
+    newline_ids = tokenizer.encode("\n", add_special_tokens=False)
+    for match in splitter.finditer(text):
+        piece_ids, piece_offsets = _tokenize_piece(tokenizer, text[cursor:match.start()], cursor, ref,
+                                                   after=newline_ids if cursor else None)
+        ids += piece_ids
+        offsets += piece_offsets
+        if match.group(1) is not None:  # a marked control token: plain text (a lone marker is dropped)
+            as_text = _encode_marked(tokenizer, match.group(0), ref)
+            ids += as_text
+            offsets += [(match.start(1), match.end(1))] * len(as_text)
+        cursor = match.end()
+    piece_ids, piece_offsets = _tokenize_piece(tokenizer, text[cursor:], cursor, ref,
+                                               after=newline_ids if cursor else None)
+    ids += piece_ids
+    offsets += piece_offsets
+    if ids != _encode_marked(tokenizer, text, ref):
+        raise TemplateError(f"{ref}: control tokens in the text could not be encoded as text consistently with "
+                            "transformers' encode_marked_chat; this tokenizer is not supported for such records")
+    return ids, offsets
+
+
+def _encode_marked(tokenizer, text: str, ref: str) -> list[int]:
     try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return encode_marked_chat(tokenizer, text)
+    except ValueError as err:  # a control token that the tokenizer also produces from its plain text
+        raise TemplateError(f"{ref}: {err}") from err
+
+
+@lru_cache(maxsize=16)
+def _marker_pattern(added_tokens: tuple[str, ...]) -> re.Pattern:
+    """A marked added token (group 1), or a lone marker, as `encode_marked_chat` splits a text."""
+    tokens = _alternation(added_tokens).pattern
+    return re.compile(f"{_MARK_START}({tokens}){_MARK_END}|[{_MARK_START}{_MARK_END}]")
+
+
+def _tokenize_piece(tokenizer, piece: str, start: int, ref: str, after: list[int] | None = None):
+    """Ids and absolute offsets of one piece of text. A piece from the middle of a text (`after` = the ids
+    of "\n") is tokenized after a newline that is then removed, as `encode_marked_chat` does, so that
+    SentencePiece does not add the space it puts at the start of a string."""
+    if not piece:
+        return [], []
+    try:
+        if after is not None:
+            enc = tokenizer("\n" + piece, add_special_tokens=False, return_offsets_mapping=True)
+            if enc["input_ids"][: len(after)] == after:
+                return (list(enc["input_ids"][len(after):]),
+                        [(a - 1 + start, b - 1 + start) for a, b in enc["offset_mapping"][len(after):]])
+        enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError as err:  # slow tokenizers have no offsets
         raise TemplateError(f"{ref}: label masking needs a fast tokenizer (offset mapping)") from err
-    labels = [
-        tid if _in_spans(start, end, spans) else IGNORE_INDEX
-        for tid, (start, end) in zip(enc["input_ids"], enc["offset_mapping"])
-    ]
-    return list(enc["input_ids"]), labels
+    return list(enc["input_ids"]), [(a + start, b + start) for a, b in enc["offset_mapping"]]
 
 
-def _in_spans(start: int, end: int, spans: list) -> bool:
-    # A token that overlaps the answer is one the model must emit, so it is trained on; this keeps
-    # the leading space token of " Red" that byte-level tokenizers split off.
-    if start == end:
-        return any(a <= start < b for a, b in spans)
-    return any(start < b and end > a for a, b in spans)
+def _starts_in_spans(start: int, spans: list) -> bool:
+    # A token is trained when its first character belongs to a reply: the model must emit it after the
+    # prompt. A token that starts in the prompt and runs into the reply is not (no prompt character is
+    # trained); byte-level tokenizers' leading-space token of " Red" starts at the reply's own space.
+    return any(a <= start < b for a, b in spans)
 
 
 def _run_processor(processor, text: str, image, ref: str):
     """The processor's own expansion of <image> and its pixel_values for this one sample."""
     kwargs = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
+    if _MARK_START in text or _MARK_END in text:  # marked control tokens: text to the processor too
+        kwargs["sanitize_control_tokens"] = True
     if image is not None:
         kwargs["images"] = [image]
     try:
@@ -317,7 +453,8 @@ def _raise_mismatch(ids, proc_ids, i: int, j: int, tokenizer, ref: str):
 
 
 def _truncate(input_ids, labels, image_token_id: int, max_length: int, ref: str):
-    """Cut from the end, but never into the image tokens (the model needs all of them or none)."""
+    """Cut from the end, but never into the image tokens (the model needs all of them or none), and
+    never so that no trained token is left (a sample that teaches nothing is a bad record)."""
     if len(input_ids) <= max_length:
         return input_ids, labels
     image_positions = (input_ids == image_token_id).nonzero().flatten()
@@ -325,5 +462,12 @@ def _truncate(input_ids, labels, image_token_id: int, max_length: int, ref: str)
         raise TemplateError(
             f"{ref}: image tokens would be cut: they end at position {int(image_positions[-1]) + 1} "
             f"but max_length is {max_length}; raise max_length or drop the record", "too_long"
+        )
+    trained = (labels != IGNORE_INDEX).nonzero().flatten()
+    if len(trained) and int(trained[0]) >= max_length:
+        raise TemplateError(
+            f"{ref}: the answer is cut off entirely: its first trained token is at position {int(trained[0]) + 1} "
+            f"of {len(input_ids)} but max_length is {max_length}; raise max_length or drop the record",
+            "answer_truncated",
         )
     return input_ids[:max_length], labels[:max_length]
