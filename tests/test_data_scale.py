@@ -20,7 +20,7 @@ from vlmablate.data import records as records_module
 from vlmablate.data.collator import LlavaCollator
 from vlmablate.data.dataset import DataError, LlavaJsonDataset
 from vlmablate.data.records import RecordStore, open_hf, open_llava_json
-from vlmablate.data.scan import CODES, scan_source, template_overhead
+from vlmablate.data.scan import CODES, scan_source
 from vlmablate.data.sources import MixedDataset, build_dataset, share
 from vlmablate.model.tiny import TinySpec, save_tiny_checkpoint
 
@@ -59,6 +59,8 @@ BROKEN = {  # reason -> a record that has exactly that fault
     "image_outside_root": {"id": "b8", "image": "../secret.png", "conversations": turns("<image>\nWhat?")},
     "missing_image": {"id": "b9", "image": "nope.png", "conversations": turns("<image>\nWhat?")},
     "unreadable_image": {"id": "b10", "image": "corrupt.png", "conversations": turns("<image>\nWhat?")},
+    # over 256 tokens of question: the answer starts beyond max_length
+    "answer_truncated": {"id": "b11", "conversations": turns("Tell me about the red circle. " * 60)},
 }
 
 
@@ -123,9 +125,6 @@ def test_bad_files_are_named(tmp_path):
     (tmp_path / "cut.json").write_text(json.dumps([good(0), good(1)])[:-30])
     with pytest.raises(DataError, match=r"cut\.json: not valid JSON after record 1"):
         open_llava_json(tmp_path / "cut.json", tmp_path / "cache")
-    (tmp_path / "bad.jsonl").write_text(json.dumps(good(0)) + "\n{oops\n")
-    with pytest.raises(DataError, match=r"bad\.jsonl: line 2 is not valid JSON"):
-        open_llava_json(tmp_path / "bad.jsonl", tmp_path / "cache")
     (tmp_path / "empty.json").write_text("[]")
     with pytest.raises(DataError, match="holds no records"):
         open_llava_json(tmp_path / "empty.json", tmp_path / "cache")
@@ -158,17 +157,43 @@ def test_hf_parquet_source_with_column_mapping_and_image_bytes(tmp_path, root, p
 # --- the scan --------------------------------------------------------------------------------------
 
 
-def test_scan_finds_every_reason_and_estimates_lengths(tmp_path, root, processor):
-    records = [good(0), good(1, image=False), *BROKEN.values()]
+def test_scan_finds_every_reason_and_measures_exact_lengths(tmp_path, root, processor):
+    multi = {"id": "m", "image": "ok.png", "conversations": turns("<image>\nWhat colour?") + turns("And </s>?", "Two.")}
+    records = [good(0), good(1, image=False), multi, *BROKEN.values()]
     store = RecordStore.from_records(records, source="mem.json")
     scan = scan_source(store, image_root=root / "images", tokenizer=processor.tokenizer, template="chat",
                        max_length=256, image_tokens=16, cache_dir=tmp_path, verify_images=True, progress=False)
-    assert [CODES[c] for c in scan.reasons] == ["ok", "ok", *BROKEN]
-    base, per_pair = template_overhead(processor.tokenizer, "chat")
-    text = len(processor.tokenizer("\nWhat colour? Red.", add_special_tokens=False)["input_ids"])  # marker dropped
-    assert scan.lengths[0] == base + text + 16  # positive: has an image, image tokens counted
-    assert scan.lengths[1] < 0 and (scan.lengths[2:] == 0).all()
-    assert per_pair > 0
+    assert [CODES[c] for c in scan.reasons] == ["ok", "ok", "ok", *BROKEN]
+    # The scan renders and tokenizes as encoding does: its lengths are the encoded lengths (LLaVA's sign:
+    # negative for text-only), bad records 0.
+    encoded = LlavaJsonDataset(records[:3], source_path="mem.json", image_root=root / "images", processor=processor,
+                               template="chat", max_length=256)
+    assert scan.lengths[:3].tolist() == [len(encoded[0]["input_ids"]), -len(encoded[1]["input_ids"]),
+                                         len(encoded[2]["input_ids"])]
+    assert (scan.lengths[3:] == 0).all()
+
+
+def test_scan_finds_answers_and_images_beyond_max_length(tmp_path, root, processor):
+    question = "Tell me about the red circle. " * 3
+    records = [good(0),
+               {"id": "late", "image": "ok.png", "conversations": turns(question + "\n<image>")},  # image at the end
+               {"id": "cut", "conversations": turns(question)}]
+    store = RecordStore.from_records(records, source="mem.json")
+    encoded = LlavaJsonDataset(records, source_path="mem.json", image_root=root / "images", processor=processor,
+                               template="chat", max_length=512)
+    image_end = [int((encoded[i]["input_ids"] == processor.image_token_id).nonzero().max()) + 1 for i in (0, 1)]
+    answer_at = [int((encoded[i]["labels"] != -100).nonzero()[0]) for i in (0, 1, 2)]  # 0-based first trained
+    assert image_end[0] < answer_at[0] < answer_at[2] < image_end[1] < answer_at[1]
+
+    def reasons(max_length):
+        scan = scan_source(store, image_root=root / "images", tokenizer=processor.tokenizer, template="chat",
+                           max_length=max_length, image_tokens=16, cache_dir=tmp_path, progress=False)
+        return [CODES[c] for c in scan.reasons]
+
+    assert reasons(answer_at[2]) == ["ok", "too_long", "answer_truncated"]
+    assert reasons(answer_at[2] + 1) == ["ok", "too_long", "ok"]
+    assert reasons(image_end[1]) == ["ok", "answer_truncated", "ok"]  # the image fits, its answer does not
+    assert reasons(answer_at[1] + 1) == ["ok", "ok", "ok"]
 
 
 def test_scan_is_cached_per_tokenizer_and_max_length(tmp_path, root, processor, next_processor):
@@ -230,6 +255,67 @@ def test_skip_policy_counts_by_reason(tmp_path, root, processor, reason):
     assert report["bad_fraction"] == pytest.approx(0.1)
 
 
+def test_jsonl_lines_that_do_not_parse_follow_the_policy(tmp_path, root, processor):
+    lines = [json.dumps(good(0)), json.dumps(good(1, image=False)), '{"id": "x", "conversations": [}',
+             json.dumps(good(3))]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n")  # the bad line is line 4
+    with pytest.raises(DataError) as caught:
+        build(data_config(path, root), processor, tmp_path)
+    assert caught.value.reason == "invalid_json"
+    assert str(caught.value).startswith(f"{path}#2 (id=?): bad record (invalid_json): line 4 is not valid JSON: "
+                                        "Expecting value. 1 bad records in this source ({'invalid_json': 1})")
+    mixed = build(data_config(path, root, on_bad_sample="skip", max_bad_fraction=0.25), processor, tmp_path)
+    assert len(mixed) == 3 and mixed.report()["sources"]["src"]["bad"] == {"invalid_json": 1}
+    assert [mixed[k]["record_ref"] for k in range(3)] == [f"{path}#{i} (id={n})" for i, n in
+                                                          ((0, "g0"), (1, "t1"), (3, "g3"))]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, suffix):
+    records = [good(0), good(1, image=False)]
+    text = json.dumps(records) if suffix == ".json" else "\n".join(json.dumps(r) for r in records)
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    store = open_llava_json(path, tmp_path / "cache")
+    assert [store[i] for i in range(len(store))] == records
+
+
+def test_each_bad_record_is_counted_once(tmp_path, root, processor):
+    """90 good records and 10 consecutive truncated PNGs: 10 bad records, however often they are met."""
+    from vlmablate.data.errors import BadRecordTally
+
+    png = (root / "images" / "ok.png").read_bytes()
+    for k in range(10):
+        (root / "images" / f"cut{k}.png").write_bytes(png[: len(png) // 2])
+    records = [good(i) for i in range(90)]
+    records += [{"id": f"c{k}", "image": f"cut{k}.png", "conversations": turns("<image>\nWhat?")} for k in range(10)]
+    path = write(tmp_path / "d.json", records)
+    checked = build(data_config(path, root, on_bad_sample="skip", max_bad_fraction=1.0, verify_images=True),
+                    processor, tmp_path)  # what data.check sees: the scan verifies every image
+    assert checked.report()["bad"] == 10 and checked.report()["sources"]["src"]["bad"] == {"unreadable_image": 10}
+    mixed = build(data_config(path, root, on_bad_sample="skip", max_bad_fraction=0.2), processor, tmp_path)
+    assert mixed.report()["bad"] == 0 and len(mixed) == 100  # found only when decoded
+    collate = LlavaCollator(processor.tokenizer.pad_token_id)
+    tally = BadRecordTally(records=100, scanned_bad=0, limit=0.2)
+    met = 0
+    for epoch in range(2):
+        order = np.random.default_rng(epoch).permutation(100)
+        for batch in np.array_split(order, 25):
+            skipped = collate([mixed[int(k)] for k in batch]).get("bad_samples", [])
+            met += len(skipped)
+            tally.add(skipped)
+    assert met > 20  # each bad record is met as its own sample every epoch, and again as a neighbour's substitute
+    assert tally.counts() == {"unreadable_image": 10}
+    assert tally.examples(2) == [f"{path}#90 (id=c0)", f"{path}#91 (id=c1)"]
+    strict = BadRecordTally(records=100, scanned_bad=0, limit=0.05)
+    with pytest.raises(DataError) as caught:
+        strict.add(collate([mixed[90]])["bad_samples"])  # record 90: all ten are tried before record 0 encodes
+    assert str(caught.value) == (
+        f"10 of 100 records are bad (10.00%; found while encoding: {{'unreadable_image': 10}}, e.g. "
+        f"['{path}#90 (id=c0)', '{path}#91 (id=c1)', '{path}#92 (id=c2)']), more than data.max_bad_fraction=5.00%")
+
+
 def test_skip_stops_when_bad_fraction_passes_the_limit(tmp_path, root, processor):
     path = write(tmp_path / "d.json", [good(0), good(1), good(2), BROKEN["missing_image"]])
     with pytest.raises(DataError, match=r"1 of 4 records are bad \(25\.00%\), more than data\.max_bad_fraction"):
@@ -243,9 +329,11 @@ def test_corrupt_pixels_found_while_encoding_are_skipped_and_counted(tmp_path, r
     mixed = build(data_config(path, root, on_bad_sample="skip"), processor, tmp_path)
     assert len(mixed) == 4
     sample = mixed[1]  # record 1 fails; the next record of the source is served instead
-    assert sample["bad_samples"] == ["unreadable_image"] and sample["index"] == 2
+    skipped = (f"{path}#1 (id=b10)", "unreadable_image")
+    assert sample["bad_samples"] == [skipped] and sample["index"] == 2
+    assert sample["record_ref"] == f"{path}#2 (id=g2)"  # the substitute says which record it is
     batch = LlavaCollator(processor.tokenizer.pad_token_id)([mixed[0], sample])
-    assert batch["bad_samples"] == ["unreadable_image"]
+    assert batch["bad_samples"] == [skipped]
     strict = build(data_config(path, root), processor, tmp_path)
     with pytest.raises(DataError, match=r"d\.json#1 \(id=b10\): cannot read image") as err:
         strict[1]
@@ -357,18 +445,22 @@ def test_model_image_aspect_wins_over_the_stage():
 
 @pytest.mark.slow
 def test_a_run_with_skipped_records_reports_them(tmp_path, root, run_cell):
-    # two records the scan rejects, and one whose pixels only fail when decoded in training
+    # two records the scan rejects, and three in a row whose pixels only fail when decoded in training
     records = [good(i, image=i % 3 != 0) for i in range(30)]
-    records += [BROKEN["missing_image"], BROKEN["unknown_role"], BROKEN["unreadable_image"]]
+    records += [BROKEN["missing_image"], BROKEN["unknown_role"]]
+    records += [{**BROKEN["unreadable_image"], "id": f"b10-{k}"} for k in range(3)]
     path = write(tmp_path / "d.json", records)
     summary = run_cell("data=llava_json", f"data.path={path}", f"data.image_root={root / 'images'}",
-                       "data.on_bad_sample=skip", "data.max_bad_fraction=0.1", "train.max_steps=-1",
-                       "train.num_train_epochs=1", "train.save_steps=100", "eval=none", "freeze=lora_llm")
+                       "data.on_bad_sample=skip", "data.max_bad_fraction=0.15", "train.max_steps=-1",
+                       "train.num_train_epochs=2", "train.save_steps=100", "eval=none", "freeze=lora_llm")
     assert summary["status"] == "completed"
     data = summary["data"]
     assert data["bad"] == 2 and data["sources"]["llava_json"]["bad"] == {"unknown_role": 1, "missing_image": 1}
-    assert data["records_in_mix"] == 31 and data["bad_at_encode"] == {"unreadable_image": 1}
-    assert summary["train"]["samples_seen"] == 31 and 0 < summary["train"]["padding_efficiency"] <= 1
+    # each corrupt record once, though each was met in both epochs and as its neighbours' substitute candidate
+    assert data["records_in_mix"] == 33 and data["bad_at_encode"] == {"unreadable_image": 3}
+    assert data["bad_at_encode_examples"] == [f"{path}#{i} (id=b10-{i - 32})" for i in (32, 33, 34)]
+    assert data["bad_total"] == 5  # of 35 records: 14.3%, under the limit
+    assert summary["train"]["samples_seen"] == 66 and 0 < summary["train"]["padding_efficiency"] <= 1
     with pytest.raises(DataError, match=r"d\.json#30 \(id=b9\): bad record \(missing_image\)"):
         run_cell("data=llava_json", f"data.path={path}", f"data.image_root={root / 'images'}", "eval=none",
                  name="strict")
@@ -387,6 +479,8 @@ def test_check_command_on_a_broken_data_set(tmp_path, root):
     assert report["sources"]["llava_json"]["bad"] == {reason: 1 for reason in BROKEN}
     text = format_report(report)
     assert "bad: image_outside_root" in text and "NOT OK: a run would stop" in text
+    # a record whose answer lies beyond model.max_length (256) is named, not called usable
+    assert f"  bad: {'answer_truncated':<32} {1:>8,}   e.g. {path}#13 (id=b11)" in text.splitlines()
     assert json.loads((tmp_path / "data_check.json").read_text())["bad"] == len(BROKEN)
     clean = write(tmp_path / "clean.json", [good(0), good(1, image=False)])
     cfg, _ = compose_run("model=tiny_random", "data=llava_json", f"data.path={clean}",
@@ -416,9 +510,27 @@ def test_preflight_checks_each_source_of_a_mix_under_its_policy(tmp_path, root, 
     mixed = build(data, processor, tmp_path)
     assert [len(v) for v in mixed.source_views] == [5, 3]
     assert mixed.source_views[1].record_ref(0).endswith("texts.json#0 (id=t0)")
-    # the corrupt image is only found by decoding: skipped, not fatal, under skip
-    assert preflight(mixed, max_records=8) == {"checked": 8, "fully_masked": 0, "examples": []}
-    texts_only = DataConfig(name="txt", sources=data.sources[1:])
-    cut = build(texts_only, processor, tmp_path, max_length=12)  # every answer cut off: nothing to learn
-    with pytest.raises(DataError, match=r"texts\.json: 3 of the first 3 records: every label is masked"):
-        preflight(cut, max_records=8)
+    # the corrupt image is only found by decoding: skipped, not fatal, under skip; image sample 4 is served
+    # by record 0 again, so 4 + 3 distinct records were encoded, and the bad one is counted under `bad`
+    assert preflight(mixed, max_records=8) == {"checked": 7, "fully_masked": 0, "examples": [],
+                                               "bad": {"unreadable_image": 1}}
+
+
+def test_preflight_reports_a_substitute_under_its_own_reference(tmp_path, root, processor, monkeypatch):
+    from vlmablate.data import dataset as dataset_module
+    from vlmablate.data.dataset import preflight
+
+    encode = dataset_module.encode_conversation
+
+    def masking(conversations, **kwargs):  # record g2's template does not fit: every label masked
+        out = encode(conversations, **kwargs)
+        if "(id=g2)" in kwargs["record_ref"]:
+            out["labels"] = torch.full_like(out["labels"], -100)
+        return out
+
+    monkeypatch.setattr(dataset_module, "encode_conversation", masking)
+    path = write(tmp_path / "d.json", [good(0), BROKEN["unreadable_image"], good(2), good(3), good(4)])
+    mixed = build(data_config(path, root, on_bad_sample="skip", max_bad_fraction=0.5), processor, tmp_path)
+    # sample 1 (the corrupt record 1) is served by record 2: the masked result is record 2's, not record 1's
+    assert preflight(mixed) == {"checked": 4, "fully_masked": 1, "examples": [f"{path}#2 (id=g2)"],
+                                "bad": {"unreadable_image": 1}}

@@ -62,6 +62,14 @@ def test_load_json_and_jsonl(tmp_path):
     assert load_llava_json(tmp_path / "d.jsonl") == records
 
 
+def test_load_accepts_a_utf8_byte_order_mark(tmp_path):
+    records = [qa(id_="a", answer="Rouge éclatant."), qa(image=None, id_="b")]
+    (tmp_path / "d.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(records, ensure_ascii=False).encode())
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in records).encode())
+    assert load_llava_json(tmp_path / "d.json") == records
+    assert load_llava_json(tmp_path / "d.jsonl") == records
+
+
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
@@ -192,30 +200,61 @@ def text_records(n_short, n_long):
     return short + long
 
 
-def test_preflight_counts_fully_masked(root, processor):
-    records = text_records(3, 1)
-    lengths = [len(make_dataset(records, processor, root)[i]["input_ids"]) for i in range(4)]
-    max_length = lengths[0]  # the short records fit exactly; the long one's answer is cut off
-    assert lengths[3] > max_length + 10
-    ds = make_dataset(records, processor, root, max_length=max_length)
+@pytest.fixture()
+def mismatched(monkeypatch):
+    """Encoding where records with ids starting "l" come out with every label masked, as a template that
+    does not match its tokenizer leaves them."""
+    encode = dataset_module.encode_conversation
+
+    def masking(conversations, **kwargs):
+        out = encode(conversations, **kwargs)
+        if "(id=l" in kwargs["record_ref"]:
+            out["labels"] = torch.full_like(out["labels"], IGNORE_INDEX)
+        return out
+
+    monkeypatch.setattr(dataset_module, "encode_conversation", masking)
+
+
+def test_preflight_counts_fully_masked(root, processor, mismatched):
+    ds = make_dataset(text_records(3, 1), processor, root)
     assert fully_masked(ds[3]["labels"]) and not fully_masked(ds[0]["labels"])
-    assert preflight(ds) == {"checked": 4, "fully_masked": 1, "examples": [f"{root / 'data.json'}#3 (id=l0)"]}
-    assert preflight(ds, max_records=2) == {"checked": 2, "fully_masked": 0, "examples": []}
+    assert preflight(ds) == {"checked": 4, "fully_masked": 1, "examples": [f"{root / 'data.json'}#3 (id=l0)"],
+                             "bad": {}}
+    assert preflight(ds, max_records=2) == {"checked": 2, "fully_masked": 0, "examples": [], "bad": {}}
 
 
-def test_preflight_raises_when_most_labels_are_masked(root, processor):
-    ds = make_dataset(text_records(1, 3), processor, root, max_length=30)  # every answer is cut
-    with pytest.raises(DataError, match="every label is masked.*training would learn nothing"):
+def test_preflight_raises_when_most_labels_are_masked(root, processor, mismatched):
+    ds = make_dataset(text_records(1, 3), processor, root)
+    examples = [f"{root / 'data.json'}#{k} (id=l{k - 1})" for k in (1, 2, 3)]
+    with pytest.raises(DataError) as caught:
         preflight(ds)
+    assert str(caught.value) == (
+        f"{root / 'data.json'}: 3 of the first 4 records: every label is masked: the template does not match the "
+        f"tokenizer, training would learn nothing. Examples: {examples}")
 
 
-def test_preflight_checks_concatenated_sources_separately(root, processor):
+def test_preflight_checks_concatenated_sources_separately(root, processor, mismatched):
     good = make_dataset(text_records(3, 0), processor, root)
-    mostly_cut = LlavaJsonDataset(text_records(1, 2), source_path=root / "cut.json", image_root=root,
-                                  processor=processor, template="chat", max_length=30)
-    assert preflight(ConcatDataset([good, good])) == {"checked": 6, "fully_masked": 0, "examples": []}
-    with pytest.raises(DataError, match=r"cut\.json: 3 of the first 3"):
-        preflight(ConcatDataset([good, good, good, mostly_cut]))
+    mostly_masked = LlavaJsonDataset(text_records(1, 2), source_path=root / "cut.json", image_root=root,
+                                     processor=processor, template="chat", max_length=512)
+    assert preflight(ConcatDataset([good, good])) == {"checked": 6, "fully_masked": 0, "examples": [], "bad": {}}
+    with pytest.raises(DataError, match=r"cut\.json: 2 of the first 3"):
+        preflight(ConcatDataset([good, good, good, mostly_masked]))
+
+
+def test_an_answer_cut_off_by_max_length_is_a_bad_record(root, processor):
+    records = text_records(1, 1)
+    full = make_dataset(records, processor, root)[1]
+    first_trained = int((full["labels"] != IGNORE_INDEX).nonzero()[0]) + 1
+    ds = make_dataset(records, processor, root, max_length=first_trained - 1)
+    assert not fully_masked(ds[0]["labels"])
+    with pytest.raises(DataError) as caught:
+        ds[1]
+    assert caught.value.reason == "answer_truncated"
+    assert str(caught.value) == (
+        f"{root / 'data.json'}#1 (id=l0): the answer is cut off entirely: its first trained token is at position "
+        f"{first_trained} of {len(full['input_ids'])} but max_length is {first_trained - 1}; raise max_length or "
+        "drop the record")
 
 
 # --- collator and a forward pass through the tiny models -------------------------------------------
@@ -319,6 +358,6 @@ def test_synthetic_encodes_cleanly(synthetic, processor):
         ds = LlavaJsonDataset(load_llava_json(synthetic[key]), source_path=synthetic[key],
                               image_root=synthetic["image_root"], processor=processor, template=template,
                               max_length=256)
-        assert preflight(ds) == {"checked": len(ds), "fully_masked": 0, "examples": []}
+        assert preflight(ds) == {"checked": len(ds), "fully_masked": 0, "examples": [], "bad": {}}
         lengths = ds.modality_lengths()
         assert all((length > 0) == ("image" in r) for length, r in zip(lengths, ds.records))

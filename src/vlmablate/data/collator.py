@@ -15,11 +15,10 @@ class LlavaCollator:
 
     Only model inputs come out: `input_ids`, `attention_mask`, `labels`, and `pixel_values` /
     `image_sizes` when at least one sample has an image; plus `sample_index` (the records' positions
-    in the mix) and `bad_samples` (reasons) when a record had to be skipped while encoding, which the
-    trainer takes out before the forward. Text-only
-    samples add no pixel rows; the
-    model places image features by the image tokens in `input_ids`, so the images only have to be
-    in batch order.
+    in the mix) and `bad_samples` ((record reference, reason) pairs) when a record had to be skipped
+    while encoding, which the trainer takes out before the forward. Text-only samples add no pixel
+    rows; the model places image features by the image tokens in `input_ids`, so the images only have
+    to be in batch order.
     """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right"):
@@ -42,7 +41,7 @@ class LlavaCollator:
             batch["image_sizes"] = torch.cat(sizes, dim=0)
         if all("sample_index" in f for f in features):  # which records of the mix (the trainer takes it out)
             batch["sample_index"] = [int(f["sample_index"]) for f in features]
-        bad = [reason for f in features for reason in f.get("bad_samples", ())]
+        bad = [entry for f in features for entry in f.get("bad_samples", ())]
         if bad:  # records skipped while encoding (data.on_bad_sample=skip); the trainer counts and removes them
             batch["bad_samples"] = bad
         return batch

@@ -55,7 +55,7 @@ def load_llava_json(path: str | os.PathLike) -> list[dict]:
     """Read a LLaVA JSON list (or `.jsonl`, one record a line) and check each record's shape."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 byte order mark is allowed, and dropped
     except OSError as err:
         raise DataError(f"{path}: cannot read the data file: {err}") from err
     records = _parse_jsonl(path, text) if path.suffix == ".jsonl" else _parse_json(path, text)
@@ -192,6 +192,7 @@ class LlavaJsonDataset(Dataset):
         except TemplateError as err:  # its message already names file, record and id
             raise DataError(str(err), err.reason) from err
         encoded["index"] = i
+        encoded["record_ref"] = ref  # which record this sample is (a mix may serve a substitute)
         return encoded
 
     def modality_lengths(self, image_tokens: int = 0) -> list[int]:
@@ -224,30 +225,47 @@ def apply_aspect(image: Image.Image, mode: str, processor) -> Image.Image:
 
 
 def preflight(dataset: Dataset, max_records: int = 256) -> dict:
-    """Encode the first records and count those with every label masked; raise if that is most of them.
+    """Encode the first samples and count the records with every label masked; raise if that is most of them.
 
     Catches a template that does not match the tokenizer (loss 0, nothing learned, LLaVA #1166)
     before training starts. A ConcatDataset or a mix is checked source by source, so one bad source
-    among good ones is not averaged away.
+    among good ones is not averaged away. Results are per record actually encoded: a mix under
+    `data.on_bad_sample=skip` may serve a substitute for a bad record, which is then reported under its
+    own reference, and the bad record under `bad` (by reason, each record once).
     """
     if isinstance(dataset, ConcatDataset) or hasattr(dataset, "source_views"):
         sources = dataset.source_views if hasattr(dataset, "source_views") else dataset.datasets
         parts = [preflight(part, max_records) for part in sources]
+        bad: dict[str, int] = {}
+        for part in parts:
+            for reason, n in part["bad"].items():
+                bad[reason] = bad.get(reason, 0) + n
         return {
             "checked": sum(p["checked"] for p in parts),
             "fully_masked": sum(p["fully_masked"] for p in parts),
             "examples": [ref for p in parts for ref in p["examples"]][:5],
+            "bad": dict(sorted(bad.items())),
         }
-    checked = min(len(dataset), max_records)
-    masked = [_ref_of(dataset, i) for i in range(checked) if fully_masked(dataset[i]["labels"])]
-    if 2 * len(masked) > checked:
+    encoded: dict[str, bool] = {}  # record reference -> fully masked, in the order first met
+    bad_records: dict[str, str] = {}
+    for i in range(min(len(dataset), max_records)):
+        sample = dataset[i]
+        for ref, reason in sample.get("bad_samples", ()):
+            bad_records.setdefault(ref, reason)
+        encoded.setdefault(sample.get("record_ref") or _ref_of(dataset, i), fully_masked(sample["labels"]))
+    masked = [ref for ref, is_masked in encoded.items() if is_masked]
+    if 2 * len(masked) > len(encoded):
         source = getattr(dataset, "source_path", type(dataset).__name__)
         raise DataError(
-            f"{source}: {len(masked)} of the first {checked} records: every label is masked: the template "
-            "does not match the tokenizer (or max_length cuts every answer), training would learn nothing. "
+            f"{source}: {len(masked)} of the first {len(encoded)} records: every label is masked: the template "
+            "does not match the tokenizer, training would learn nothing. "
             f"Examples: {masked[:5]}"
         )
-    return {"checked": checked, "fully_masked": len(masked), "examples": masked[:5]}
+    bad: dict[str, int] = {}
+    for reason in bad_records.values():
+        bad[reason] = bad.get(reason, 0) + 1
+    return {"checked": len(encoded), "fully_masked": len(masked), "examples": masked[:5],
+            "bad": dict(sorted(bad.items()))}
 
 
 def _ref_of(dataset: Dataset, i: int) -> str:

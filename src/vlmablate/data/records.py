@@ -15,6 +15,7 @@ undecoded (bytes and path) and decoded only when the sample is encoded.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -26,7 +27,8 @@ from filelock import FileLock
 
 from vlmablate.data.errors import DataError
 
-RECORDS_VERSION = 1  # bump when the Arrow layout changes
+RECORDS_VERSION = 2  # bump when the Arrow layout changes (2: invalid JSON Lines kept as INVALID_LINE rows)
+INVALID_LINE = "_invalid_json_line"  # the key of the row that stands for a JSON Lines line that does not parse
 _FEATURES = datasets.Features({"record": datasets.Value("string")})
 _WRITER_BATCH = 10_000
 
@@ -132,24 +134,32 @@ def _convert(path: Path, arrow: Path) -> None:
 
 
 def _record_texts(path: Path) -> Iterator[str]:
-    """Each record as JSON text, streamed: JSON Lines by line, a JSON list through ijson."""
+    """Each record as JSON text, streamed: JSON Lines by line, a JSON list through ijson.
+
+    A UTF-8 byte order mark is skipped. A JSON Lines line that does not parse becomes a row
+    `{INVALID_LINE: {"line": n, "error": ...}}`, so that the scan applies `data.on_bad_sample` to it as to
+    any bad record (reason `invalid_json`) instead of the whole file being rejected.
+    """
     import ijson
 
     with path.open("rb") as f:
+        bom = len(codecs.BOM_UTF8) if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
+        f.seek(bom)
         if path.suffix == ".jsonl":
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
                 try:
                     yield json.dumps(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}: line {lineno} is not valid JSON: {err.msg}") from err
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    message = err.msg if isinstance(err, json.JSONDecodeError) else f"not UTF-8 ({err.reason})"
+                    yield json.dumps({INVALID_LINE: {"line": lineno, "error": message}})
             return
         first = f.read(64).lstrip()[:1]
         if first != b"[":
             raise DataError(f"{path}: expected a JSON list of records (or a .jsonl file), "
                             f"but the file starts with {first.decode(errors='replace')!r}")
-        f.seek(0)
+        f.seek(bom)
         n = 0
         try:
             for record in ijson.items(f, "item", use_float=True):

@@ -1,17 +1,23 @@
 """One pass over a source before training: which records are bad (and why), and how long each one is.
 
-The pass runs every check that needs no image decoding and no processor: record shape, roles and
-their alternation, `<image>` markers against the record's image, where the image path resolves (a
-path outside the image root is rejected and never opened) and whether the file exists, and an
-estimate of the token length. Optionally (`data.verify_images`, always on in `vlmablate.data.check`)
-each image file's integrity is checked with PIL's `verify()` too. What needs decoding or the processor
-(corrupt pixel data, the exact length after image-token expansion) is caught when the sample is
-encoded, under the same `data.on_bad_sample` policy.
+The pass runs every check that needs no image decoding and no processor: record shape (and JSON Lines
+lines that do not parse), roles and their alternation, `<image>` markers against the record's image,
+where the image path resolves (a path outside the image root is rejected and never opened) and whether
+the file exists. Optionally (`data.verify_images`, always on in `vlmablate.data.check`) each image
+file's integrity is checked with PIL's `verify()` too.
 
-Lengths follow LLaVA's `modality_lengths`: estimated tokens (text tokens plus the template's own
-tokens, plus the model's image tokens for image records), negative for text-only records. The result
+Each usable record is then rendered and tokenized exactly as encoding does (`templates.render_conversation`
+and `tokenize_rendered`), with the image counted as the model's `image_tokens`, which gives its length
+and two more reasons before training: `too_long` when the image tokens would end beyond `max_length`
+(wherever `<image>` sits in the turn), and `answer_truncated` when the first trained token lies beyond
+it. For Llava the length is exact; LLaVA-NeXT's tiles vary with the image, so there it is the base grid's
+estimate and encoding applies the same two rules to the exact count (under the same `data.on_bad_sample`
+policy), as it does for what needs decoding (corrupt pixel data).
+
+Lengths follow LLaVA's `modality_lengths`: positive for image records, negative for text-only. The result
 is cached next to the source's Arrow records, keyed by the source's identity, the tokenizer, the
-template, max_length, the image tokens and the image root, so a 665k-record source is scanned once.
+template, max_length, the image token and count, and the image root, so a 665k-record source is scanned
+once.
 """
 
 from __future__ import annotations
@@ -29,18 +35,18 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vlmablate.data.errors import REASONS, DataError
-from vlmablate.data.records import RecordStore
+from vlmablate.data.records import INVALID_LINE, RecordStore
 from vlmablate.data.templates import (
     IMAGE_MARKER,
     TemplateError,
-    chat_template_of,
     check_image_marker,
+    render_conversation,
     to_messages,
+    tokenize_rendered,
 )
 
-SCAN_VERSION = 1
+SCAN_VERSION = 2  # 2: exact lengths, answer_truncated, invalid_json
 CODES = ("ok", *REASONS)  # a record's reason, stored as its index here (0 = usable)
-_BATCH = 2048
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,9 @@ def resolve_image(relative, image_root: Path | None, ref: str) -> Path:
 
 def check_structure(record, ref: str) -> None:
     """An object with a `conversations` list and at most one image path."""
+    if isinstance(record, dict) and INVALID_LINE in record:
+        where = record[INVALID_LINE]
+        raise DataError(f"{ref}: line {where['line']} is not valid JSON: {where['error']}", "invalid_json")
     if not isinstance(record, dict):
         raise DataError(f"{ref}: record is {type(record).__name__}, expected an object")
     if not isinstance(record.get("conversations"), list):
@@ -107,12 +116,12 @@ def check_record(record, image_root: Path | None, ref: str, *, verify_image: boo
 
 def scan_source(store: RecordStore, *, image_root: str | os.PathLike | None, tokenizer, template: str,
                 max_length: int, image_tokens: int, cache_dir: str | os.PathLike, verify_images: bool = False,
-                progress: bool = True) -> ScanResult:
+                image_token: str = IMAGE_MARKER, progress: bool = True) -> ScanResult:
     """Scan `store` once (cached); see the module docstring."""
     root = Path(image_root).resolve() if image_root is not None else None
-    overhead = template_overhead(tokenizer, template)
     key = hashlib.sha256(json.dumps([SCAN_VERSION, store.identity, tokenizer_fingerprint(tokenizer), template,
-                                     max_length, image_tokens, str(root), verify_images]).encode()).hexdigest()[:16]
+                                     max_length, image_tokens, image_token, str(root), verify_images]
+                                    ).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / "scan"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.npz"
@@ -120,67 +129,60 @@ def scan_source(store: RecordStore, *, image_root: str | os.PathLike | None, tok
         if path.exists():
             cached = np.load(path)
             return ScanResult(cached["lengths"], cached["reasons"])
-        result = _scan(store, root, tokenizer, max_length, image_tokens, overhead, verify_images, progress)
+        measure = _Measure(tokenizer, template, max_length, image_token, image_tokens)
+        result = _scan(store, root, measure, verify_images, progress)
         tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
         np.savez(tmp, lengths=result.lengths, reasons=result.reasons)
         os.replace(tmp, path)
     return result
 
 
-def _scan(store, root, tokenizer, max_length, image_tokens, overhead, verify_images, progress) -> ScanResult:
+def _scan(store, root, measure, verify_images, progress) -> ScanResult:
     n = len(store)
     lengths = np.zeros(n, dtype=np.int32)
     reasons = np.zeros(n, dtype=np.int8)
-    pending: list[tuple[int, str, bool, int]] = []  # (index, text, has image, number of turn pairs)
-
-    def flush():
-        if not pending:
-            return
-        counts = tokenizer([text for _, text, _, _ in pending], add_special_tokens=False)["input_ids"]
-        for (i, _, has_image, pairs), ids in zip(pending, counts):
-            estimate = len(ids) + overhead[0] + overhead[1] * max(0, pairs - 1)
-            if has_image:
-                if overhead[0] + image_tokens > max_length:  # the image itself would be cut
-                    reasons[i] = CODES.index("too_long")
-                    continue
-                lengths[i] = max(1, estimate + image_tokens)
-            else:
-                lengths[i] = -max(1, estimate)
-        pending.clear()
-
     bar = tqdm(total=n, desc=f"scanning {Path(store.source).name}", disable=not progress, unit="rec")
     for i, record in enumerate(store.iter_records()):
         ref = f"{store.source}#{i}"
         try:
             messages = check_record(record, root, ref, verify_image=verify_images)
+            lengths[i] = measure(messages, record.get("image") is not None, ref)
         except (DataError, TemplateError) as err:
             reasons[i] = CODES.index(err.reason)
-        else:
-            text = " ".join(m["content"].replace(IMAGE_MARKER, "") for m in messages)
-            pending.append((i, text, record.get("image") is not None,
-                            sum(m["role"] == "assistant" for m in messages)))
-            if len(pending) >= _BATCH:
-                flush()
         bar.update()
-    flush()
     bar.close()
     return ScanResult(lengths, reasons)
 
 
-def template_overhead(tokenizer, template: str) -> tuple[int, int]:
-    """Tokens the template adds: (for the first turn pair, incl. BOS and system prompt; for each further pair)."""
-    if template == "plain":
-        return 2, 0  # BOS and EOS around the caption
-    chat_template, _ = chat_template_of(tokenizer)
+class _Measure:
+    """A record's length in tokens as encoding will make it, or the reason it cannot be trained on."""
 
-    def tokens(pairs: int) -> int:
-        messages = [m for _ in range(pairs) for m in ({"role": "user", "content": "x"},
-                                                      {"role": "assistant", "content": "y"})]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template)
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + BOS
+    def __init__(self, tokenizer, template: str, max_length: int, image_token: str, image_tokens: int):
+        self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
+        self.image_token, self.image_tokens = image_token, image_tokens
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
 
-    one, two = tokens(1), tokens(2)
-    return max(0, one - 2), max(0, two - one - 2)
+    def __call__(self, messages: list[dict], has_image: bool, ref: str) -> int:
+        text, spans = render_conversation(messages, template=self.template, tokenizer=self.tokenizer,
+                                          image_token=self.image_token, has_image=has_image, ref=ref,
+                                          first_reply_only=True)
+        ids, offsets = tokenize_rendered(text, self.tokenizer, ref)
+        reply_start = spans[0][0] if spans else len(text)
+        first_trained = next((k for k, (start, _) in enumerate(offsets) if start >= reply_start), len(ids))
+        length = len(ids)
+        if has_image:
+            if self.image_token_id not in ids:
+                raise TemplateError(f"{ref}: the tokenizer does not encode {self.image_token!r} as one token")
+            at = ids.index(self.image_token_id)  # the one real image token; marked ones are text
+            if at + self.image_tokens > self.max_length:
+                raise TemplateError(f"{ref}: image tokens would end at position {at + self.image_tokens} but "
+                                    f"max_length is {self.max_length}", "too_long")
+            length += self.image_tokens - 1
+            first_trained += (self.image_tokens - 1) if at < first_trained else 0
+        if first_trained >= self.max_length and first_trained < length:
+            raise TemplateError(f"{ref}: the answer starts at token {first_trained + 1} but max_length is "
+                                f"{self.max_length}", "answer_truncated")
+        return length if has_image else -length
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

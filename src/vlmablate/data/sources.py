@@ -22,6 +22,7 @@ from vlmablate.data.errors import REASONS, DataError
 from vlmablate.data.records import RecordStore, open_hf, open_llava_json
 from vlmablate.data.scan import CODES, ScanResult, scan_source
 from vlmablate.data.synthetic import write_synthetic_llava
+from vlmablate.data.templates import image_token_of
 from vlmablate.world.build import ensure_world_data
 
 log = logging.getLogger(__name__)
@@ -116,25 +117,29 @@ class MixedDataset(Dataset):
 
     def _encode(self, k: int) -> dict:
         p, record = self.locate(k)
+        part = self.parts[p]
         try:
-            return self.parts[p][record]
+            return part[record]
         except DataError as err:
             if self.on_bad_sample == "error":
                 raise
-            failed = [err.reason]
-        # skip: serve the next sample of the same part that encodes, and say what was skipped
+            failed = [(part.record_ref(record), err.reason)]
+        # skip: serve the next sample of the same part that encodes, and say which records were skipped
+        # (by reference, so that a record met again, here or in another epoch, is counted once)
         picks = self.indices[p]
         start = k - self.offsets[p]
         for step in range(1, min(MAX_SUBSTITUTES, len(picks))):
+            candidate = int(picks[(start + step) % len(picks)])
             try:
-                sample = self.parts[p][int(picks[(start + step) % len(picks)])]
+                sample = part[candidate]
             except DataError as err:
-                failed.append(err.reason)
+                failed.append((part.record_ref(candidate), err.reason))
                 continue
             sample["bad_samples"] = failed
             return sample
-        raise DataError(f"{self.parts[p].source_path}: {len(failed)} samples in a row failed to encode "
-                        f"({', '.join(sorted(set(failed)))}) starting at record {record}; the source looks broken")
+        reasons = sorted({reason for _, reason in failed})
+        raise DataError(f"{part.source_path}: {len(failed)} samples in a row failed to encode "
+                        f"({', '.join(reasons)}) starting at record {record}; the source looks broken")
 
     def report(self) -> dict:
         """Per source: records, bad records by reason, records taken into the mix."""
@@ -176,7 +181,8 @@ def build_dataset(data: DataConfig, *, processor, template: str, max_length: int
                                 template=template, max_length=max_length, image_aspect=image_aspect)
         scan = scan_source(store, image_root=image_root, tokenizer=processor.tokenizer, template=template,
                            max_length=max_length, image_tokens=image_tokens, cache_dir=cache_dir,
-                           verify_images=data.verify_images, progress=progress)
+                           verify_images=data.verify_images, image_token=image_token_of(processor),
+                           progress=progress)
         _apply_policy(data, source, part, scan)
         parts.append(part)
         scans.append(scan)

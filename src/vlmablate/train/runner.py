@@ -296,6 +296,9 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
         summary["train"]["gradient_audit"] = audit.report if audit else {
             "skipped": "DeepSpeed / FSDP hold gradients in their own partitions"}
         summary["data"]["bad_at_encode"] = summary["train"].pop("bad_at_encode")
+        summary["data"]["bad_at_encode_examples"] = summary["train"].pop("bad_at_encode_examples")
+        # every bad record of the run once: what the scan found plus what only encoding found
+        summary["data"]["bad_total"] = summary["data"]["bad"] + sum(summary["data"]["bad_at_encode"].values())
         if trainer.data_order is not None:
             summary["train"]["data_order"] = _write_data_order(trainer, run_dir)
         trainer.save_model(str(run_dir / "final"))  # every rank: ZeRO-3 gathers before rank 0 writes
@@ -403,7 +406,7 @@ def _train_summary(trainer: VlmTrainer, metrics: dict, wall: float) -> dict:
     training_s = trainer.timer.seconds or wall
     parts = dist.gather(trainer.progress())
     tokens, padded = sum(p["real_tokens"] for p in parts), sum(p["padded_tokens"] for p in parts)
-    bad = sum((Counter(p["bad_at_encode"]) for p in parts), Counter())
+    bad_records = {ref: reason for p in parts for ref, reason in p["bad_records"].items()}  # a record once
     steps = trainer.state.global_step
     return {
         "steps": steps,
@@ -419,7 +422,8 @@ def _train_summary(trainer: VlmTrainer, metrics: dict, wall: float) -> dict:
         "train_loss": trainer._total_loss_scalar / steps if steps else metrics.get("train_loss"),
         "samples_seen": sum(p["samples_seen"] for p in parts),
         "fully_masked_samples": sum(p["fully_masked_samples"] for p in parts),
-        "bad_at_encode": dict(sorted(bad.items())),
+        "bad_at_encode": dict(sorted(Counter(bad_records.values()).items())),
+        "bad_at_encode_examples": sorted(bad_records)[:10],
         "loss_curve": curve,  # (step, mean loss over the logging window ending there)
     }
 

@@ -10,7 +10,6 @@ import logging
 import signal
 import threading
 import time
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from vlmablate.data.errors import DataError
+from vlmablate.data.errors import BadRecordTally, DataError
 from vlmablate.data.sampler import RankBatchSampler
 from vlmablate.data.templates import IGNORE_INDEX
 from vlmablate.model.plan import FreezePlan
@@ -154,9 +153,9 @@ class VlmTrainer(Trainer):
         self.add_callback(_ResumedLoss(self))
         self.sampler_kind = sampler
         self.lengths = lengths  # LLaVA's modality lengths: > 0 with an image, < 0 text-only
-        # (records, bad records found by the scan, data.max_bad_fraction): encoding failures add to it
-        self.bad_budget = bad_budget
-        self.bad_at_encode: Counter = Counter()
+        # (records, bad records found by the scan, data.max_bad_fraction): encoding failures add to it,
+        # each bad record once however often it is met
+        self.bad_at_encode = BadRecordTally(*bad_budget) if bad_budget is not None else BadRecordTally()
         self.timer = TrainTimer()
         self.add_callback(self.timer)
         self.plan = plan
@@ -203,8 +202,8 @@ class VlmTrainer(Trainer):
     # --- loss and counting -----------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         bad = inputs.pop("bad_samples", None)
-        if bad:
-            self._count_bad(bad)
+        if bad:  # (record_ref, reason) of records skipped while encoding (data.on_bad_sample=skip)
+            self.bad_at_encode.add(bad)
         indices = inputs.pop("sample_index", None)
         if model.training:
             if self.data_order is not None and indices is not None:
@@ -218,16 +217,6 @@ class VlmTrainer(Trainer):
             self._check_masking()
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
-
-    def _count_bad(self, reasons: list[str]) -> None:
-        """Records skipped while encoding (data.on_bad_sample=skip): counted, and held to max_bad_fraction."""
-        self.bad_at_encode.update(reasons)
-        if self.bad_budget is not None:
-            records, scanned_bad, limit = self.bad_budget
-            bad = scanned_bad + sum(self.bad_at_encode.values())
-            if records and bad / records > limit:
-                raise DataError(f"{bad} of {records} records are bad ({bad / records:.2%}; found while encoding: "
-                                f"{dict(self.bad_at_encode)}), more than data.max_bad_fraction={limit:.2%}")
 
     def _check_masking(self, min_samples: int = 16) -> None:
         """Stop a run that mostly trains on samples without one labelled token (a silent loss of 0)."""
@@ -245,7 +234,7 @@ class VlmTrainer(Trainer):
                 "last_logged": self._globalstep_last_logged}
         return {"loss": loss, "real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens,
                 "fully_masked_samples": self.fully_masked_samples, "samples_seen": self.samples_seen,
-                "bad_at_encode": dict(self.bad_at_encode),
+                "bad_records": dict(self.bad_at_encode.reasons),
                 "data_order": None if self.data_order is None else {str(k): v for k, v in self.data_order.items()}}
 
     def _restore_progress(self, progress: dict) -> None:
@@ -254,7 +243,7 @@ class VlmTrainer(Trainer):
         self.padded_tokens = progress["padded_tokens"]
         self.fully_masked_samples = progress["fully_masked_samples"]
         self.samples_seen = progress["samples_seen"]
-        self.bad_at_encode = Counter(progress["bad_at_encode"])
+        self.bad_at_encode.reasons = dict(progress.get("bad_records", {}))
         if self.data_order is not None and progress["data_order"] is not None:
             self.data_order = {int(k): v for k, v in progress["data_order"].items()}
 
