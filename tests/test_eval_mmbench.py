@@ -1,7 +1,8 @@
-"""MMBench evaluation: TSV reading and circular copies, prompts, answer extraction, CircularEval metrics.
+"""MMBench evaluation: TSV reading and circular copies, splits, image cells, prompts, the test split's
+submission file, CircularEval metrics (answer extraction: test_eval_extraction.py).
 
-Every expectation is written out by hand: the rotations MMBench makes, the letters VLMEvalKit's exact
-matching picks, and the accuracies of small crafted result sets.
+Every expectation is written out by hand: the rotations MMBench makes, the error texts naming file,
+row and index, the submission table, and the accuracies of small crafted result sets.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import logging
 import pytest
 from PIL import Image
 
-from vlmablate.eval.extract import extract_choice
 from vlmablate.eval.metrics import Record, bootstrap_ci, circular_metrics, paired_difference
 from vlmablate.eval.mmbench import Copy, Question, decode_image, prompt_text, read_mmbench_tsv
+from vlmablate.eval.submission import write_submission
 
 
 def _png_b64(color, mode="RGB") -> str:
@@ -140,14 +141,79 @@ def test_expand_generates_mmbench_rotations_for_a_vanilla_file(tmp_path):
     assert [q.copies for q in expanded[:3]] == [q.copies for q in EXPECTED_WITH_COPIES[:3]]
 
 
+TEST_HEADER = ["index", "question", "hint", "A", "B", "C", "D", "category", "l2_category", "image"]
+TEST_ROWS = [[0, Q0, "", "red", "blue", "green", "yellow", "color", "attribute_reasoning", IMG[0]],
+             [1, "Is it day?", "", "day", "night", "", "", "time", "coarse_perception", IMG[1]]]
+
+
 def test_test_split_without_answer_column(tmp_path):
-    header = ["index", "question", "hint", "A", "B", "C", "D", "category", "l2_category", "image"]
-    rows = [[0, Q0, "", "red", "blue", "green", "yellow", "color", "attribute_reasoning", IMG[0]],
-            [1, "Is it day?", "", "day", "night", "", "", "time", "coarse_perception", IMG[1]]]
-    questions = read_mmbench_tsv(_write(tmp_path / "test.tsv", header, rows), circular="expand")
+    questions = read_mmbench_tsv(_write(tmp_path / "test.tsv", TEST_HEADER, TEST_ROWS), circular="expand",
+                                 split="test")
     assert questions[1].copies == [Copy(1, 0, OPT3, None), Copy(1000001, 1, {"A": "night", "B": "day"}, None)]
     assert all(c.answer is None for q in questions for c in q.copies)
     assert len(questions[0].copies) == 4 and questions[0].split is None
+
+
+def test_a_dev_split_without_answer_column_is_an_error_naming_the_file(tmp_path):
+    path = _write(tmp_path / "MMBench_TEST_EN.tsv", TEST_HEADER, TEST_ROWS)
+    with pytest.raises(ValueError) as err:
+        read_mmbench_tsv(path)  # split="dev" is the default
+    assert str(err.value) == (
+        f"{path}: no answer column, so this dev split cannot be scored (header: index, question, hint, A, B, C, D, "
+        "category, l2_category, image). A test split has no answers: evaluate it with eval.split=test, which "
+        "writes the MMBench submission file instead of scores")
+
+
+def test_a_dev_row_without_its_answer_is_an_error_naming_the_row(tmp_path):
+    rows = [list(r) for r in MAINS]
+    rows[2][7] = "nan"
+    path = _write(tmp_path / "dev.tsv", HEADER, rows)
+    with pytest.raises(ValueError) as err:
+        read_mmbench_tsv(path)
+    assert str(err.value) == (f"{path} row 3 (index 2): the answer cell is empty; every row of a dev split needs "
+                              "its answer (eval.split=test evaluates a split without answers)")
+
+
+def test_a_test_split_reads_no_answers_even_when_the_file_has_them(dev_tsv, caplog):
+    with caplog.at_level(logging.WARNING, logger="vlmablate.eval.mmbench"):
+        questions = read_mmbench_tsv(dev_tsv, split="test")
+    assert [[c.answer for c in q.copies] for q in questions] == [[None] * 4, [None] * 2, [None] * 3, [None]]
+    assert [[c.options for c in q.copies] for q in questions] == \
+        [[c.options for c in q.copies] for q in EXPECTED_WITH_COPIES]
+    assert caplog.messages == [f"{dev_tsv} has an answer column; eval.split=test does not read it "
+                               "(use eval.split=dev to score)"]
+    with pytest.raises(ValueError, match="split='val': expected one of dev, test"):
+        read_mmbench_tsv(dev_tsv, split="val")
+
+
+# ----------------------------------------------------------------------------- image cells
+
+NOT_BASE64 = "iVBORw0KGgo" + "!" * 60  # longer than 64 characters, so not a row reference
+NOT_AN_IMAGE = base64.b64encode(b"plain text, not a PNG or JPEG; long enough to be an image cell").decode()
+
+
+@pytest.mark.parametrize("cell, reason", [
+    (NOT_BASE64, "the image cell is not valid base64 (71 characters: Only base64 data is allowed)"),
+    (IMG[1][:-2] + "\n" + IMG[1][-2:], f"the image cell is not valid base64 ({len(IMG[1]) + 1} characters: "
+                                      "Only base64 data is allowed)"),
+    (IMG[1][:-1], f"the image cell is not valid base64 ({len(IMG[1]) - 1} characters: Incorrect padding)"),
+    (NOT_AN_IMAGE, "the image cell is base64 but not an image (62 bytes in no format PIL knows)"),
+])
+def test_a_bad_image_cell_fails_at_read_time_naming_file_row_and_index(tmp_path, cell, reason):
+    rows = [list(r) for r in MAINS + COPIES]
+    rows[1][10] = cell  # question 1 holds its own image; its copy (row 8) refers to it
+    path = _write(tmp_path / "bad_image.tsv", HEADER, rows)
+    with pytest.raises(ValueError) as err:
+        read_mmbench_tsv(path)
+    assert str(err.value) == f"{path} row 2 (index 1): {reason}"
+
+
+def test_decoding_is_strict_where_lenient_decoding_would_pass():
+    # Lenient decoding drops the stray characters and would hand a valid image on.
+    with_stray = IMG[0][:10] + "!" + IMG[0][10:]
+    assert base64.b64decode(with_stray) == base64.b64decode(IMG[0])
+    with pytest.raises(ValueError, match="not a decodable base64 image"):
+        decode_image(with_stray)
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -210,43 +276,39 @@ def test_decode_image_gives_rgb():
         decode_image("bm90IGFuIGltYWdl")
 
 
-# ----------------------------------------------------------------------------- extraction
-
-FOUR = {"A": "red", "B": "blue", "C": "green", "D": "yellow"}  # total length 18: text match up to 36 chars
+# ----------------------------------------------------------------------------- submission file
 
 
-@pytest.mark.parametrize("reply, options, expected", [
-    ("A", FOUR, "A"),
-    ("A.", FOUR, "A"),
-    ("(B)", FOUR, "B"),
-    ("[A]", FOUR, "A"),
-    ("{D}", FOUR, "D"),
-    ("**C**", FOUR, "C"),
-    ("  answer: B;\n", FOUR, "B"),
-    ("The answer is C", FOUR, "C"),
-    ("B. red", FOUR, "B"),  # the letter decides before any text
-    ("a", FOUR, None),  # letters are case-sensitive, and "a" contains no option text
-    ("b.", FOUR, None),
-    ("A or B", FOUR, None),  # two letters, no option text
-    ("B\nC", FOUR, None),
-    ("A or B: blue", FOUR, "B"),  # two letters, so the text decides
-    ("red", FOUR, "A"),
-    ("Red.", FOUR, "A"),  # text matching is case-insensitive
-    ("It is green", FOUR, "C"),
-    ("red or blue", FOUR, None),  # two option texts
-    ("The car is painted a deep shade of red overall", FOUR, None),  # 47 chars > 2 * 18
-    ("A dog is sitting on the mat", FOUR, "A"),  # VLMEvalKit does not treat "A" as an article
-    ("E", FOUR, None),  # not an option
-    ("C", {"A": "yes", "B": "no"}, None),  # only the present options' letters count
-    ("yes", {"A": "yes", "B": "no"}, "A"),
-    ("Z", FOUR, None),  # VLMEvalKit's 'Z' (no option)
-    ("Z: red", FOUR, None),  # 'Z' stops VLMEvalKit before text matching
-    ("Cannot determine the answer. A", FOUR, None),  # refusal phrase
-    ("", FOUR, None),
-    ("dark red", {"A": "red", "B": "dark red"}, None),  # both texts are substrings
-])
-def test_extract_choice(reply, options, expected):
-    assert extract_choice(reply, options) == expected
+def test_submission_file_has_every_row_in_llava_layout(tmp_path):
+    """LLaVA's layout: hint, category, source, image, comment and l2-category dropped, `prediction` after D."""
+    header = [h for h in HEADER if h != "answer"] + ["comment"]
+    rows = [[cell for h, cell in zip(HEADER, row) if h != "answer"] + ["c"] for row in MAINS + COPIES]
+    path = _write(tmp_path / "MMBench_TEST_EN.tsv", header, rows)
+    predictions = {0: "B", 1000000: "The answer is A.", 2000000: "D", 3000000: "C", 1: "A", 1000001: "B",
+                   2: "C", 1000002: "(B)", 3: "A\tfinal"}  # 2000002 was not predicted
+    out = write_submission(path, predictions, tmp_path / "out")
+    assert out == {"xlsx": str(tmp_path / "out" / "submission.xlsx"), "tsv": str(tmp_path / "out" / "submission.tsv"),
+                   "rows": 10, "predicted": 9}
+    expected = [
+        ["index", "question", "A", "B", "C", "D", "prediction", "split"],
+        [0, Q0, "red", "blue", "green", "yellow", "B", "dev"],
+        [1, Q1, "yes", "no", "", "", "A", "dev"],  # "nan" and "None" are pandas' NaN: empty cells
+        [2, Q2, "cat", "dog", "bird", "", "C", "dev"],
+        [3, "Is it day?", "day", "night", "", "", "A\tfinal", "dev"],
+        [2000000, Q0, "green", "yellow", "red", "blue", "D", "dev"],
+        [1000000, Q0, "blue", "green", "yellow", "red", "The answer is A.", "dev"],
+        [3000000, Q0, "yellow", "red", "blue", "green", "C", "dev"],
+        [1000001, Q1, "no", "yes", "", "", "B", "dev"],
+        [1000002, Q2, "dog", "bird", "cat", "", "(B)", "dev"],
+        [2000002, Q2, "bird", "cat", "dog", "", "", "dev"],
+    ]
+    from openpyxl import load_workbook
+
+    sheet = load_workbook(out["xlsx"]).active
+    assert [[cell if cell is not None else "" for cell in row] for row in sheet.iter_rows(values_only=True)] == expected
+    with open(out["tsv"], newline="", encoding="utf-8") as handle:
+        table = list(csv.reader(handle, delimiter="\t"))
+    assert table == [[str(cell) for cell in row] for row in expected]
 
 
 # ----------------------------------------------------------------------------- metrics

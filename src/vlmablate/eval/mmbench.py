@@ -11,8 +11,11 @@ under their main question (copy 0) and checks them. Reading follows what VLMEval
   when LLaVA's `is_none` would call it none (`nan`/`none` in any case). An option is present iff its
   cell is not missing; the present options must be A, B, ... without gaps;
 - `image` holds base64, or, when 64 characters or fewer, the `index` of the row that holds the
-  image (one hop, as VLMEvalKit's loader asserts);
-- `answer` and `split` are optional (the test split has no answers).
+  image (one hop, as VLMEvalKit's loader asserts). Every image cell is decoded strictly (standard
+  alphabet, no stray characters) and must open as an image when the file is read, not when the model
+  first needs it;
+- `split="dev"` needs an `answer` in every row; `split="test"` (MMBench's test split has no answers)
+  reads none. The file's own `split` column is optional and only recorded.
 
 Copies found in the file must carry the main question's option texts (as a multiset) and the same
 correct text, else the file is rejected: scoring such a copy would test a different question. A copy
@@ -32,12 +35,13 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
 COPY_STRIDE = 1_000_000
 CIRCULAR_MODES = ("auto", "expand", "off")
+SPLITS = ("dev", "test")
 REQUIRED_COLUMNS = ("index", "question", "A", "B", "image")
 IMAGE_REF_MAX_CHARS = 64
 ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -87,18 +91,21 @@ class _Row:
     image: str
 
 
-def read_mmbench_tsv(path: str | os.PathLike, *, circular: str = "auto") -> list[Question]:
+def read_mmbench_tsv(path: str | os.PathLike, *, circular: str = "auto", split: str = "dev") -> list[Question]:
     """Read an MMBench TSV into main questions, in file order, each with its circular copies.
 
     `circular`: `auto` uses the copies the file has (none: one copy per question); `expand` also
     generates the rotations when the file has no copies at all (a file that has copies is used as
     it is); `off` keeps copy 0 only and ignores copy rows (they still count for duplicate indices
     and broken image references, which make the file itself unreadable).
+    `split`: `dev` needs every row's answer; `test` reads no answers (every `Copy.answer` is None).
     """
     if circular not in CIRCULAR_MODES:
         raise ValueError(f"circular={circular!r}: expected one of {', '.join(CIRCULAR_MODES)}")
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
     path = Path(path)
-    rows = _read_rows(path)
+    rows = _read_rows(path, split)
     images = _resolve_images(rows)
     mains = {row.index: row for row in rows if row.index < COPY_STRIDE}
     file_copies = {} if circular == "off" else _group_copies(rows, mains, path)
@@ -121,17 +128,16 @@ def prompt_text(question: Question, copy: Copy) -> str:
 def decode_image(b64: str) -> Image.Image:
     """Decode a base64 image cell into an RGB PIL image (VLMEvalKit drops alpha and palettes the same way)."""
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(b64)))
+        image = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
         image.load()
     except (binascii.Error, ValueError, OSError) as err:
         raise ValueError(f"not a decodable base64 image ({len(b64)} characters): {err}") from err
     return image.convert("RGB")
 
 
-# ----------------------------------------------------------------------------- reading rows
-
-
-def _read_rows(path: Path) -> list[_Row]:
+def read_table(path: str | os.PathLike) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The TSV's header and its non-blank rows as (row number, cells); row 1 is the first after the header."""
+    path = Path(path)
     # Base64 images are far longer than the csv module's 128 KiB default field limit. The limit is
     # process-wide, so it is only ever raised.
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
@@ -142,12 +148,32 @@ def _read_rows(path: Path) -> list[_Row]:
         raise ValueError(f"{path}: cannot read the MMBench TSV: {err}") from err
     if not table:
         raise ValueError(f"{path}: the file is empty (expected a header row)")
-    columns = _columns(table[0], path)
+    rows = [(number, cells) for number, cells in enumerate(table[1:], start=1) if any(c.strip() for c in cells)]
+    return table[0], rows
+
+
+def column_name(raw: str) -> str:
+    """A header cell as VLMEvalKit names the column: lower-cased unless it is an option letter."""
+    name = raw.strip()
+    name = name if _is_option_column(name) else name.lower()
+    return _HEADER_ALIASES.get(name, name)
+
+
+# ----------------------------------------------------------------------------- reading rows
+
+
+def _read_rows(path: Path, split: str) -> list[_Row]:
+    header, table = read_table(path)
+    columns = _columns(header, path)
+    if split == "dev" and "answer" not in columns:
+        raise ValueError(f"{path}: no answer column, so this dev split cannot be scored (header: "
+                         f"{', '.join(header)}). A test split has no answers: evaluate it with eval.split=test, "
+                         "which writes the MMBench submission file instead of scores")
+    if split == "test" and "answer" in columns:
+        log.warning("%s has an answer column; eval.split=test does not read it (use eval.split=dev to score)", path)
     rows, seen = [], {}
-    for number, cells in enumerate(table[1:], start=1):
-        if not any(cell.strip() for cell in cells):
-            continue
-        row = _parse_row(cells, columns, f"{path} row {number}")
+    for number, cells in table:
+        row = _parse_row(cells, columns, f"{path} row {number}", split=split)
         if row.index in seen:
             raise ValueError(f"{row.where}: duplicate index {row.index} (first at row {seen[row.index]})")
         seen[row.index] = number
@@ -159,9 +185,7 @@ def _columns(header: list[str], path: Path) -> dict[str, int]:
     """Column name -> position, names normalised the way VLMEvalKit normalises them."""
     columns: dict[str, int] = {}
     for position, raw in enumerate(header):
-        name = raw.strip()
-        name = name if _is_option_column(name) else name.lower()
-        name = _HEADER_ALIASES.get(name, name)
+        name = column_name(raw)
         if name in columns:
             raise ValueError(f"{path}: column {raw!r} appears twice in the header")
         columns[name] = position
@@ -176,21 +200,22 @@ def _is_option_column(name: str) -> bool:
     return len(name) == 1 and name in string.ascii_uppercase
 
 
-def _missing(cell: str | None) -> bool:
+def is_missing(cell: str | None) -> bool:
+    """Whether pandas would read the cell as NaN, or LLaVA's `is_none` would call it none."""
     if cell is None:
         return True
     text = cell.strip()
     return text in _PANDAS_NA or text.lower() in _LLAVA_NONE
 
 
-def _parse_row(cells: list[str], columns: dict[str, int], prefix: str) -> _Row:
+def _parse_row(cells: list[str], columns: dict[str, int], prefix: str, *, split: str) -> _Row:
     if len(cells) > len(columns):
         raise ValueError(f"{prefix}: {len(cells)} cells but the header has {len(columns)} columns")
 
     def cell(name: str) -> str | None:
         position = columns.get(name)
         value = cells[position] if position is not None and position < len(cells) else None
-        return None if _missing(value) else value
+        return None if is_missing(value) else value
 
     raw_index = cell("index")
     try:
@@ -204,8 +229,11 @@ def _parse_row(cells: list[str], columns: dict[str, int], prefix: str) -> _Row:
     if question is None:
         raise ValueError(f"{where}: the question cell is empty")
     options = _options(cell, sorted(n for n in columns if _is_option_column(n)), where)
-    answer = cell("answer")
+    answer = cell("answer") if split == "dev" else None
     answer = None if answer is None else answer.strip()
+    if answer is None and split == "dev":
+        raise ValueError(f"{where}: the answer cell is empty; every row of a dev split needs its answer "
+                         "(eval.split=test evaluates a split without answers)")
     if answer is not None and answer not in options:
         raise ValueError(f"{where}: answer {answer!r} is not one of the options {', '.join(options)}")
     return _Row(where=where, index=index, question=question, hint=cell("hint"), options=options,
@@ -234,6 +262,7 @@ def _resolve_images(rows: list[_Row]) -> dict[int, str]:
     resolved = {}
     for row in rows:
         if len(row.image) > IMAGE_REF_MAX_CHARS:
+            _check_image(row)
             resolved[row.index] = row.image
             continue
         try:
@@ -249,6 +278,23 @@ def _resolve_images(rows: list[_Row]) -> dict[int, str]:
                              f"a reference ({raw[target]!r})")
         resolved[row.index] = raw[target]
     return resolved
+
+
+def _check_image(row: _Row) -> None:
+    """Strict base64 that opens as an image: a bad cell fails here, naming its row, not after the model loads."""
+    try:
+        data = base64.b64decode(row.image, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ValueError(f"{row.where}: the image cell is not valid base64 ({len(row.image)} characters: "
+                         f"{err})") from None
+    try:
+        with Image.open(io.BytesIO(data)):  # reads the header only; pixels are decoded when needed
+            pass
+    except UnidentifiedImageError:
+        raise ValueError(f"{row.where}: the image cell is base64 but not an image ({len(data)} bytes in no "
+                         "format PIL knows)") from None
+    except OSError as err:
+        raise ValueError(f"{row.where}: the image cell is base64 but not a readable image ({err})") from None
 
 
 # ----------------------------------------------------------------------------- circular copies

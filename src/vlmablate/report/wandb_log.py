@@ -84,7 +84,8 @@ def log_predictions(run, samples: dict, n: int) -> None:
         from vlmablate.eval.mmbench import decode_image, read_mmbench_tsv
 
         tsv = samples.get("mmbench_tsv")
-        images = {q.q: q.image_b64 for q in read_mmbench_tsv(tsv)} if tsv else {}
+        split = samples.get("mmbench_split", "dev")
+        images = {q.q: q.image_b64 for q in read_mmbench_tsv(tsv, split=split)} if tsv else {}
         table = wandb.Table(columns=["index", "copy", "category", "image", "prediction", "answer", "correct", "raw"])
         for row in rows[:n]:
             image = wandb.Image(decode_image(images[row["q"]])) if row["q"] in images else None
