@@ -16,6 +16,8 @@ from typing import Any, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from vlmablate.eval.extract import DEFAULT_EXTRACTION, EXTRACTIONS
+
 
 class ConfigError(ValueError):
     """A composed config that cannot run; the message says what to change."""
@@ -258,6 +260,8 @@ class EvalConfig:
     # generate: greedy + exact matching (comparable to published MMBench numbers);
     # likelihood: option-letter scores at the answer position (fast, for sweeps)
     mode: str = "generate"
+    # generate mode's answer extraction: the exact-matching rule of this VLMEvalKit revision (README: Evaluation)
+    extraction: str = DEFAULT_EXTRACTION
     tsv: Optional[str] = None  # an MMBench TSV; null = the tiny world's benchmark
     circular: str = "auto"  # auto | expand (rotate options when the file has no copies) | off
     vqa_json: Optional[str] = None  # a TextVQA-layout JSON; null = the tiny world's open-ended set
@@ -365,6 +369,7 @@ _CHOICES = {
     "logger.name": ("none", "wandb"),
     "eval.mode": ("generate", "likelihood"),
     "eval.circular": ("auto", "expand", "off"),
+    "eval.extraction": tuple(EXTRACTIONS),
     "logger.mode": ("auto", "online", "offline"),
 }
 

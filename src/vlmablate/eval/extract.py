@@ -1,56 +1,112 @@
-"""Answer extraction without an LLM judge: VLMEvalKit's "exact matching" (`can_infer`) for MMBench replies.
+"""Answer extraction without an LLM judge: VLMEvalKit's exact matching (`can_infer`), pinned to a named revision.
 
-The rule, as in VLMEvalKit's `vlmeval/utils/matching_util.py`:
+VLMEvalKit has changed its heuristic over time, and the revisions disagree on free-form replies, so
+`eval.extraction` names the revision whose rule is followed (README: Evaluation). What every revision
+does, in order, for a reply and the question's *present* options:
 
-1. A reply containing one of VLMEvalKit's refusal phrases is a refusal (VLMEvalKit's 'Z').
-2. Letters: replace each of `. ( ) [ ] , : ; ! * # { }` by a space and split on whitespace. If
-   exactly one of the *present* options' letters appears as a whole token, that is the answer.
-   Letters are case-sensitive ("a" is not A) and nothing checks whether "A" is an article ("A dog"
-   picks A; VLMEvalKit only logs that case in verbose mode). When no option letter appears but a
-   bare "Z" does, VLMEvalKit returns 'Z' and stops.
-3. Text: otherwise (no letter, or several) — unless the lower-cased reply is longer than twice the
-   options' total length — if exactly one option's lower-cased text is a substring of the
-   lower-cased reply, that option.
-4. Anything else is unparsed.
+1. A reply containing "Failed to obtain answer via API" skips every letter rule (steps 2-4).
+2. A reply containing one of the refusal phrases below is VLMEvalKit's 'Z' (no option), final.
+3. Letters: each of `. ( ) [ ] , : ; ! * # { }` becomes a space and the reply is split on whitespace.
+   If exactly one option letter appears as a whole token (case-sensitive: "a" is not A), that letter
+   is the answer -- from c3371551 on only when its first occurrence is among the last 4 tokens.
+   If no option letter appears but a bare "Z" token does, the result is 'Z', final.
+4. From a67ace50 on: the first match of `answer\\s+is\\s+\\**([ABCD])`, case-insensitive and without a
+   word boundary ("The answer is dog" picks D), gives its letter if that letter is an option.
+   (VLMEvalKit's pattern also allows "correct " before and stars after; neither changes the match.)
+5. Text: if exactly one option's lower-cased text is a substring of the lower-cased reply, that
+   option -- from c3371551 on only when the lower-cased reply is at most twice as long as the
+   options' texts together.
+6. Anything else is unparsed.
 
-Refusals, 'Z' and unparsed replies all come back as None: under exact matching VLMEvalKit scores
-them the same way (wrong). The reply is stripped first, as VLMEvalKit's vanilla path does.
-VLMEvalKit has changed this heuristic over time: older revisions have no length limit in step 3,
-and revisions from mid-2025 also require the letter to be among the last tokens. We follow the
-rule in REFERENCE.md (letter anywhere, length limit on); for LLaVA-style one-letter replies all
-revisions agree.
+VLMEvalKit also rejects a lone letter "A" in a reply of more than 3 tokens as a possible article, but
+only when its VERBOSE environment variable is set; by default it does not, and neither do we.
+Under exact matching VLMEvalKit scores 'Z' and unparsed replies alike (wrong): `extract_choice`
+returns None for both, `infer_choice` keeps them apart.
 """
 
 from __future__ import annotations
 
-_STRIPPED_CHARS = ".()[],:;!*#{}"
-_TO_SPACES = str.maketrans({ch: " " for ch in _STRIPPED_CHARS})
+import re
+from dataclasses import dataclass
+
+API_FAILURE = "Failed to obtain answer via API"
 REFUSALS = (
     "Sorry, I can't help with images of people yet.",
     "I can't process this file.",
     "I'm sorry, but without the image provided",
     "Cannot determine the answer",
 )
+NO_OPTION = "Z"
+_TO_SPACES = str.maketrans(dict.fromkeys(".()[],:;!*#{}", " "))
+_ANSWER_IS = re.compile(r"answer\s+is\s+\**([ABCD])", re.IGNORECASE)
 
 
-def extract_choice(reply: str, options: dict[str, str]) -> str | None:
-    """The option letter a free-form reply chooses, or None when it cannot be told (counts as wrong)."""
-    reply = str(reply).strip()
+@dataclass(frozen=True)
+class Extraction:
+    """One VLMEvalKit revision's exact-matching rule: the three switches its history flipped."""
+
+    name: str
+    letter_window: int | None  # the one letter must be among the last N tokens; None: anywhere
+    text_length_limit: bool  # text matching only for replies at most twice the options' total length
+    answer_is: bool  # the "answer is X" pattern when the letter rule finds nothing
+    describes: str
+
+
+EXTRACTIONS = {e.name: e for e in (
+    Extraction("vlmevalkit_aca64dbb", None, False, False,
+               "VLMEvalKit up to commit aca64dbb: the one option letter anywhere; text matching at any length"),
+    Extraction("vlmevalkit_c3371551", 4, True, False,
+               "VLMEvalKit from commit c3371551 (Aug 2025): the one option letter among the last 4 tokens; "
+               "text matching only for replies at most twice the options' total length"),
+    Extraction("vlmevalkit_a67ace50", 4, True, True,
+               "VLMEvalKit from commit a67ace50 (Jun 2026): as c3371551, plus 'answer is X' (case-insensitive)"),
+)}
+# VLMEvalKit's current rule: what a user running its exact matching today gets.
+DEFAULT_EXTRACTION = "vlmevalkit_a67ace50"
+
+
+def extraction_rule(name: str) -> Extraction:
+    if name not in EXTRACTIONS:
+        raise ValueError(f"extraction={name!r} is not one of {', '.join(EXTRACTIONS)}")
+    return EXTRACTIONS[name]
+
+
+def infer_choice(reply: str, options: dict[str, str], extraction: str = DEFAULT_EXTRACTION) -> str | None:
+    """VLMEvalKit's outcome for a reply: an option letter, 'Z' (a refusal, or no option), or None (unparsed)."""
+    rule = extraction_rule(extraction)
+    reply = str(reply)
+    choice = None if API_FAILURE in reply else _by_letter(reply, options, rule)
+    return choice or _by_text(reply, options, rule)
+
+
+def extract_choice(reply: str, options: dict[str, str], extraction: str = DEFAULT_EXTRACTION) -> str | None:
+    """The option letter a reply chooses, or None when it chooses none (refusal, 'Z', unparsed: all wrong)."""
+    choice = infer_choice(reply, options, extraction)
+    return choice if choice in options else None
+
+
+def _by_letter(reply: str, options: dict[str, str], rule: Extraction) -> str | None:
     if any(phrase in reply for phrase in REFUSALS):
-        return None
-    tokens = set(reply.translate(_TO_SPACES).split())
-    letters = [letter for letter in options if letter in tokens]
-    if len(letters) == 1:
-        return letters[0]
-    if not letters and "Z" in tokens:
-        return None
-    return _match_text(reply, options)
+        return NO_OPTION
+    tokens = reply.translate(_TO_SPACES).split()
+    present = [letter for letter in options if letter in tokens]
+    if len(present) == 1:
+        letter = present[0]
+        if rule.letter_window is None or tokens.index(letter) >= len(tokens) - rule.letter_window:
+            return letter
+    elif not present and NO_OPTION in tokens:
+        return NO_OPTION
+    if rule.answer_is:
+        match = _ANSWER_IS.search(reply)
+        if match and match.group(1).upper() in options:
+            return match.group(1).upper()
+    return None
 
 
-def _match_text(reply: str, options: dict[str, str]) -> str | None:
+def _by_text(reply: str, options: dict[str, str], rule: Extraction) -> str | None:
     """The one option whose text the reply contains; long replies are not trusted to mean one option."""
     reply = reply.lower()
-    if len(reply) > 2 * sum(len(text) for text in options.values()):
+    if rule.text_length_limit and len(reply) > 2 * sum(len(text) for text in options.values()):
         return None
     hits = [letter for letter, text in options.items() if text.lower() in reply]
     return hits[0] if len(hits) == 1 else None
