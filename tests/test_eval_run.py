@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,8 +12,10 @@ import sys
 import pytest
 from transformers import AutoProcessor
 
+from vlmablate.config import ConfigError, EvalConfig, validate
 from vlmablate.eval import run as eval_run
 from vlmablate.eval.mmbench import read_mmbench_tsv
+from vlmablate.eval.suite import run_eval
 from vlmablate.model.tiny import TinySpec, save_tiny_checkpoint
 from vlmablate.world.build import ensure_world_data
 
@@ -63,6 +67,93 @@ def test_exact_accuracies_from_fixed_replies(tiny, world_files, tmp_path, monkey
     written = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(written) == sum(len(q.copies) for q in questions) == metrics["n_rows"]
     assert {"index", "copy", "prediction", "reply", "correct"} <= set(written[0])
+
+
+def test_summary_names_the_extraction_and_its_rule_decides(tiny, world_files, tmp_path, monkeypatch):
+    """The same replies score differently under two revisions; the metrics say which one was used."""
+    model, processor = tiny
+    questions = read_mmbench_tsv(world_files["bench_tsv"])[:4]
+    truth = {(q.q, c.k): c.answer for q in questions for c in q.copies}
+    # The right letter first, then five more words: anywhere (aca64dbb) but not among the last 4 tokens.
+    monkeypatch.setattr(eval_run, "generate_replies", lambda model, processor, items, **kw: [
+        f" {truth[it.key]} is what the picture shows here \n" for it in items])
+    scores = {}
+    for extraction in ("vlmevalkit_aca64dbb", "vlmevalkit_a67ace50"):
+        metrics, rows = eval_run.evaluate_mmbench(model, processor, world_files["bench_tsv"], mode="generate",
+                                                  out_dir=tmp_path / extraction, max_questions=4,
+                                                  extraction=extraction, n_boot=10)
+        assert (metrics["extraction"], metrics["split"], metrics["mode"]) == (extraction, "dev", "generate")
+        assert rows[0]["reply"] == f"{truth[(questions[0].q, 0)]} is what the picture shows here"  # stripped
+        scores[extraction] = (metrics["circular_acc"], metrics["unparsed_rate"])
+    assert scores == {"vlmevalkit_aca64dbb": (1.0, 0.0), "vlmevalkit_a67ace50": (0.0, 1.0)}
+
+
+def _without_answers(src, dst):
+    with open(src, newline="", encoding="utf-8") as handle:
+        table = list(csv.reader(handle, delimiter="\t"))
+    drop = table[0].index("answer")
+    with open(dst, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle, delimiter="\t", lineterminator="\n").writerows(
+            [cell for i, cell in enumerate(row) if i != drop] for row in table)
+    return dst
+
+
+def test_test_split_writes_the_submission_and_logs_without_a_score(tiny, world_files, tmp_path, monkeypatch,
+                                                                   caplog):
+    model, processor = tiny
+    tsv = _without_answers(world_files["bench_tsv"], tmp_path / "bench_test.tsv")
+    questions = read_mmbench_tsv(tsv, split="test")[:3]
+    monkeypatch.setattr(eval_run, "generate_replies", lambda model, processor, items, **kw: [
+        f"({'AB'[it.key[1] % 2]}) " for it in items])
+    cfg = EvalConfig(name="mmbench", tasks=["mmbench"], tsv=str(tsv), split="test", max_questions=3, n_boot=10,
+                     text_only_baseline=True)
+    with caplog.at_level(logging.INFO, logger="vlmablate.eval.suite"):
+        results, _ = run_eval(cfg, model, processor, tmp_path / "eval")
+    m = results["mmbench"]
+    n_rows = sum(len(q.copies) for q in questions)
+    with open(tsv, newline="", encoding="utf-8") as handle:
+        n_file_rows = len(list(csv.reader(handle, delimiter="\t"))) - 1
+    xlsx = str(tmp_path / "eval" / "mmbench" / "submission.xlsx")
+    assert (m["circular_acc"], m["vanilla_acc"], m["split"], m["n_rows"], m["unparsed_rate"]) == \
+        (None, None, "test", n_rows, 0.0)
+    assert m["submission"] == {"xlsx": xlsx, "tsv": xlsx[:-4] + "tsv", "rows": n_file_rows, "predicted": n_rows}
+    assert "mmbench_blank_image" not in results  # nothing to compare a baseline by
+    # Formatting every message: a None accuracy must not break the summary line.
+    assert caplog.messages == [
+        f"{xlsx}: {n_file_rows - n_rows} of {n_file_rows} rows have no prediction",  # eval.max_questions=3
+        f"MMBench test split (generate, vlmevalkit_a67ace50): {n_rows} rows, unparsed 0.000; no answers, so no "
+        f"score here: upload {xlsx} to the MMBench server",
+        "text-only baseline skipped: a test split has no answers to compare it by"]
+    from openpyxl import load_workbook
+
+    sheet = list(load_workbook(xlsx).active.iter_rows(values_only=True))
+    header, by_index = sheet[0], {row[0]: row for row in sheet[1:]}
+    assert header[:2] == ("index", "question") and "prediction" in header and "image" not in header
+    sent = {c.index: f"({'AB'[c.k % 2]})" for q in questions for c in q.copies}
+    assert {i: by_index[i][header.index("prediction")] for i in sent} == sent
+    assert sum(row[header.index("prediction")] is not None for row in sheet[1:]) == n_rows
+
+
+def test_eval_split_and_extraction_are_validated_choices():
+    from conftest import compose_run
+
+    cfg, _ = compose_run("model=tiny_random", "eval=mmbench", "eval.split=test", "eval.extraction=vlmevalkit_c3371551")
+    validate(cfg)
+    assert (cfg.eval.split, cfg.eval.extraction) == ("test", "vlmevalkit_c3371551")
+    with pytest.raises(ConfigError, match="eval.split='val' is not one of dev, test"):
+        validate(compose_run("model=tiny_random", "eval.split=val")[0])
+    with pytest.raises(ConfigError, match="eval.extraction='latest' is not one of vlmevalkit_aca64dbb, "
+                                          "vlmevalkit_c3371551, vlmevalkit_a67ace50"):
+        validate(compose_run("model=tiny_random", "eval.extraction=latest")[0])
+
+
+def test_a_dev_file_without_answers_fails_before_training(run_cell, world_files, tmp_path):
+    tsv = _without_answers(world_files["bench_tsv"], tmp_path / "no_answers.tsv")
+    with pytest.raises(ValueError, match=f"^{tsv}: no answer column, so this dev split cannot be scored"):
+        run_cell("eval=mmbench", f"eval.tsv={tsv}", name="cell")
+    summary = json.loads((tmp_path / "cell" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith(f"ValueError: {tsv}: no answer column")
+    assert "params" not in summary and not (tmp_path / "cell" / "checkpoints").exists()  # no model was loaded
 
 
 @pytest.mark.parametrize("mode", ["generate", "likelihood"])

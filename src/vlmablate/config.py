@@ -263,6 +263,8 @@ class EvalConfig:
     # generate mode's answer extraction: the exact-matching rule of this VLMEvalKit revision (README: Evaluation)
     extraction: str = DEFAULT_EXTRACTION
     tsv: Optional[str] = None  # an MMBench TSV; null = the tiny world's benchmark
+    # dev: every row has its answer and is scored | test: no answers; writes MMBench's submission file
+    split: str = "dev"
     circular: str = "auto"  # auto | expand (rotate options when the file has no copies) | off
     vqa_json: Optional[str] = None  # a TextVQA-layout JSON; null = the tiny world's open-ended set
     vqa_image_root: Optional[str] = None
@@ -369,6 +371,7 @@ _CHOICES = {
     "logger.name": ("none", "wandb"),
     "eval.mode": ("generate", "likelihood"),
     "eval.circular": ("auto", "expand", "off"),
+    "eval.split": ("dev", "test"),
     "eval.extraction": tuple(EXTRACTIONS),
     "logger.mode": ("auto", "online", "offline"),
 }

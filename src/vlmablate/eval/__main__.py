@@ -22,12 +22,13 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from vlmablate.eval.load import load_trained
-    from vlmablate.eval.suite import run_eval
+    from vlmablate.eval.suite import check_benchmark_files, run_eval
     from vlmablate.model.load import load_model
     from vlmablate.model.plan import resolve_plan
     from vlmablate.train.runner import compute_dtype, resolve_model
 
     cfg = to_run_config(cfg)
+    check_benchmark_files(cfg.eval)  # before any weights load
     if cfg.run_dir:
         out_dir = Path(cfg.run_dir)
         model, processor, _ = load_trained(out_dir)

@@ -1,12 +1,13 @@
 """Run a model over MMBench-style and TextVQA-style sets: prompts, batched inference, predictions, metrics.
 
 Two labelled answer modes for multiple choice, one record format:
-- `generate`: greedy generation and exact-matching extraction, the number comparable to published
-  MMBench results;
+- `generate`: greedy generation and exact-matching extraction under a named VLMEvalKit revision's rule
+  (`eval.extraction`), the number comparable to published MMBench results;
 - `likelihood`: the scores of the option letters at the answer position from one batched forward,
   the fast mode for sweeps (never unparsed, not comparable to published numbers).
 Both write `predictions.jsonl` and the same metrics. A text-only baseline runs the same prompts with
-a blank image (the image processor's mean colour), to show that the benchmark needs the image.
+a blank image (the image processor's mean colour), to show that the benchmark needs the image. A test
+split (no answers) is not scored: it writes MMBench's submission file for the official server.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from vlmablate.eval.extract import extract_choice
+from vlmablate.eval.extract import DEFAULT_EXTRACTION, extract_choice
 from vlmablate.eval.metrics import Record, circular_metrics
 from vlmablate.eval.mmbench import Question, decode_image, prompt_text, read_mmbench_tsv
+from vlmablate.eval.submission import write_submission
 from vlmablate.eval.vqa import read_textvqa_json, vqa_metrics, vqa_prompt, vqa_score
 
 log = logging.getLogger(__name__)
@@ -159,19 +161,22 @@ def mmbench_items(questions: list[Question], processor, *, blank: bool = False) 
 
 
 def evaluate_mmbench(model, processor, tsv: str | Path, *, mode: str, out_dir: Path, circular: str = "auto",
-                     batch_size: int = 16, max_new_tokens: int = 16, max_questions: int | None = None,
-                     blank: bool = False, n_boot: int = 1000, progress: bool = False) -> tuple[dict, list[dict]]:
-    """Score one TSV; write `predictions.jsonl` into `out_dir`; return (metrics, prediction rows)."""
-    questions = read_mmbench_tsv(tsv, circular=circular)[:max_questions]
+                     split: str = "dev", extraction: str = DEFAULT_EXTRACTION, batch_size: int = 16,
+                     max_new_tokens: int = 16, max_questions: int | None = None, blank: bool = False,
+                     n_boot: int = 1000, progress: bool = False) -> tuple[dict, list[dict]]:
+    """Score one TSV (a test split: write its submission file); write `predictions.jsonl` into `out_dir`;
+    return (metrics, prediction rows)."""
+    questions = read_mmbench_tsv(tsv, circular=circular, split=split)[:max_questions]
     items, meta = mmbench_items(questions, processor, blank=blank)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     try:
         if mode == "generate":
-            replies = generate_replies(model, processor, items, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                       progress=progress)
-            predictions = [extract_choice(reply, copy.options) for reply, (_, copy) in zip(replies, meta)]
+            # Stripped as LLaVA's MMBench script and VLMEvalKit's LLaVA wrapper strip their generations.
+            replies = [r.strip() for r in generate_replies(model, processor, items, batch_size=batch_size,
+                                                           max_new_tokens=max_new_tokens, progress=progress)]
+            predictions = [extract_choice(reply, copy.options, extraction) for reply, (_, copy) in zip(replies, meta)]
             raw = [{"reply": r} for r in replies]
         elif mode == "likelihood":
             scores = letter_scores(model, processor, items, [list(copy.options) for _, copy in meta],
@@ -187,10 +192,25 @@ def evaluate_mmbench(model, processor, tsv: str | Path, *, mode: str, out_dir: P
              "prediction": pred, "answer": copy.answer, "correct": pred == copy.answer if copy.answer else None, **r}
             for (q, copy), pred, r in zip(meta, predictions, raw)]
     _write_jsonl(out_dir / "predictions.jsonl", rows)
-    records = [Record(r["q"], r["copy"], r["category"], r["l2_category"], r["prediction"], r["answer"]) for r in rows]
-    metrics = circular_metrics(records, n_boot=n_boot)
-    metrics.update(mode=mode, seconds=round(seconds, 2), blank_image=blank, tsv=str(tsv))
+    if split == "test":
+        sent = {r["index"]: r["reply"] if mode == "generate" else r["prediction"] for r in rows}
+        metrics = unscored_metrics(rows, write_submission(tsv, sent, out_dir))
+    else:
+        records = [Record(r["q"], r["copy"], r["category"], r["l2_category"], r["prediction"], r["answer"])
+                   for r in rows]
+        metrics = circular_metrics(records, n_boot=n_boot)
+    metrics.update(mode=mode, extraction=extraction if mode == "generate" else None, split=split,
+                   seconds=round(seconds, 2), blank_image=blank, tsv=str(tsv))
     return metrics, rows
+
+
+def unscored_metrics(rows: list[dict], submission: dict) -> dict:
+    """What a split without answers can say: its size, the unparsed rate, and where the submission file is."""
+    n_unparsed = sum(r["prediction"] is None for r in rows)
+    return {"circular_acc": None, "vanilla_acc": None, "circular_ci": [None, None], "vanilla_ci": [None, None],
+            "n_questions": len({r["q"] for r in rows}), "n_rows": len(rows), "n_unscored_rows": len(rows),
+            "n_unparsed": n_unparsed, "unparsed_rate": n_unparsed / len(rows) if rows else None,
+            "submission": submission}
 
 
 # --- VQA --------------------------------------------------------------------------------------------

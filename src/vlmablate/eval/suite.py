@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from vlmablate.config import EvalConfig, WorldConfig
+from vlmablate.eval.mmbench import read_mmbench_tsv
 from vlmablate.eval.run import evaluate_mmbench, evaluate_vqa
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,18 @@ def benchmark_files(cfg: EvalConfig, world: WorldConfig | None) -> dict:
     return files
 
 
+def check_benchmark_files(cfg: EvalConfig) -> None:
+    """Read a configured MMBench TSV in full now, so a broken file (no answers in a dev split, a bad image
+    cell) fails before any training or model loading rather than after. The tiny world's file is built
+    by the project and checked when it is built."""
+    if "mmbench" in cfg.tasks and cfg.tsv is not None:
+        read_mmbench_tsv(cfg.tsv, circular=cfg.circular, split=cfg.split)
+
+
+def _acc(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def run_eval(cfg: EvalConfig, model, processor, out_dir: Path, *, world: WorldConfig | None = None,
              progress: bool = False) -> tuple[dict, dict]:
     """Evaluate; return (metrics for summary["eval"], samples for W&B). Predictions go under out_dir/<set>/."""
@@ -34,21 +47,30 @@ def run_eval(cfg: EvalConfig, model, processor, out_dir: Path, *, world: WorldCo
     common = dict(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, max_questions=cfg.max_questions,
                   n_boot=cfg.n_boot, progress=progress)
     if "mmbench" in cfg.tasks:
-        metrics, rows = evaluate_mmbench(model, processor, files["tsv"], mode=cfg.mode, out_dir=out_dir / "mmbench",
-                                         circular=cfg.circular, **common)
+        mmbench = dict(mode=cfg.mode, circular=cfg.circular, split=cfg.split, extraction=cfg.extraction, **common)
+        metrics, rows = evaluate_mmbench(model, processor, files["tsv"], out_dir=out_dir / "mmbench", **mmbench)
         results["mmbench"], samples["mmbench"], samples["mmbench_tsv"] = metrics, rows, files["tsv"]
-        log.info("MMBench (%s): circular %.3f [%.3f, %.3f], vanilla %.3f, unparsed %.3f, %d questions in %.1f s",
-                 cfg.mode, metrics["circular_acc"] or 0, *(metrics["circular_ci"] or [0, 0]),
-                 metrics["vanilla_acc"] or 0, metrics["unparsed_rate"] or 0, metrics["n_questions"],
-                 metrics["seconds"])
-        if cfg.text_only_baseline:
-            blank, _ = evaluate_mmbench(model, processor, files["tsv"], mode=cfg.mode, blank=True,
-                                        out_dir=out_dir / "mmbench_blank_image", circular=cfg.circular, **common)
+        samples["mmbench_split"] = cfg.split
+        rule = f"{cfg.mode}, {cfg.extraction}" if cfg.mode == "generate" else cfg.mode
+        if cfg.split == "test":
+            log.info("MMBench test split (%s): %d rows, unparsed %s; no answers, so no score here: upload %s to "
+                     "the MMBench server", rule, metrics["n_rows"], _acc(metrics["unparsed_rate"]),
+                     metrics["submission"]["xlsx"])
+        else:
+            lo, hi = metrics["circular_ci"]
+            log.info("MMBench (%s): circular %s [%s, %s], vanilla %s, unparsed %s, %d questions in %.1f s", rule,
+                     _acc(metrics["circular_acc"]), _acc(lo), _acc(hi), _acc(metrics["vanilla_acc"]),
+                     _acc(metrics["unparsed_rate"]), metrics["n_questions"], metrics["seconds"])
+        if cfg.text_only_baseline and cfg.split == "test":
+            log.info("text-only baseline skipped: a test split has no answers to compare it by")
+        elif cfg.text_only_baseline:
+            blank, _ = evaluate_mmbench(model, processor, files["tsv"], blank=True,
+                                        out_dir=out_dir / "mmbench_blank_image", **mmbench)
             results["mmbench_blank_image"] = blank
-            log.info("MMBench with a blank image (text-only baseline): circular %.3f, vanilla %.3f",
-                     blank["circular_acc"] or 0, blank["vanilla_acc"] or 0)
+            log.info("MMBench with a blank image (text-only baseline): circular %s, vanilla %s",
+                     _acc(blank["circular_acc"]), _acc(blank["vanilla_acc"]))
     if "textvqa" in cfg.tasks:
         results["textvqa"] = evaluate_vqa(model, processor, files["vqa_json"], out_dir=out_dir / "textvqa",
                                           image_root=files["vqa_image_root"], use_ocr=cfg.use_ocr, **common)
-        log.info("VQA accuracy: %.3f on %d questions", results["textvqa"]["vqa_acc"] or 0, results["textvqa"]["n"])
+        log.info("VQA accuracy: %s on %d questions", _acc(results["textvqa"]["vqa_acc"]), results["textvqa"]["n"])
     return results, samples

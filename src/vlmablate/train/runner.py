@@ -22,7 +22,7 @@ from vlmablate.data.collator import LlavaCollator
 from vlmablate.data.dataset import preflight
 from vlmablate.data.errors import DataError
 from vlmablate.data.sources import MixedDataset, build_dataset
-from vlmablate.eval.suite import run_eval
+from vlmablate.eval.suite import check_benchmark_files, run_eval
 from vlmablate.model.load import load_model, model_dims, resolve_checkpoint
 from vlmablate.model.plan import (
     FreezePlan,
@@ -212,6 +212,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
     wandb_run = None
     try:
         validate(cfg, overrides)
+        check_benchmark_files(cfg.eval)  # a broken benchmark file fails now, not after training
         resume = resolve_resume(cfg.train.resume, run_dir / "checkpoints")
         plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage,
                             lr_scale=cfg.train.lr_scale)
