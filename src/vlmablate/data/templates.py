@@ -29,6 +29,7 @@ Anything that does not line up raises `TemplateError` naming the record and a re
 from __future__ import annotations
 
 import re
+import weakref
 from functools import lru_cache
 
 import torch
@@ -225,13 +226,21 @@ def _mark_content(messages: list[dict], tokenizer, chat_template: str, image_tok
 
 def _control_token_pattern(tokenizer, chat_template: str) -> re.Pattern:
     """The tokens `apply_chat_template(sanitize_control_tokens=True)` treats as control tokens (every special
-    token, and the added tokens the template writes), as one regex, longest first."""
-    control = getattr(tokenizer, "_get_control_tokens", None)
-    if control is not None:
-        tokens = tuple(control(chat_template))
-    else:  # not a transformers tokenizer: its special tokens
-        tokens = tuple(getattr(tokenizer, "all_special_tokens", ()))
-    return _alternation(tokens)
+    token, and the added tokens the template writes), as one regex, longest first; kept per tokenizer, as
+    listing them costs more than encoding a short record when there are hundreds of added tokens."""
+    cache = _PATTERNS.setdefault(tokenizer, {})
+    key = (chat_template, len(tokenizer))  # tokens added later change the length
+    if key not in cache:
+        control = getattr(tokenizer, "_get_control_tokens", None)
+        if control is not None:
+            tokens = tuple(control(chat_template))
+        else:  # not a transformers tokenizer: its special tokens
+            tokens = tuple(getattr(tokenizer, "all_special_tokens", ()))
+        cache[key] = _alternation(tokens)
+    return cache[key]
+
+
+_PATTERNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @lru_cache(maxsize=64)
