@@ -179,3 +179,41 @@ def test_a_described_document_opens_with_every_object(enc):
     assert [k for _, _, k in doc.answers] == ["describe", "size", "size"]
     a, b, _ = doc.answers[0]
     assert enc.tokenizer.decode(doc.input_ids[a:b]) == " " + language.describe(SCENE) + "</s>"
+
+
+def test_every_question_names_the_cells_its_answer_is_read_from():
+    scene = Scene((Obj("diamond", "red", "large", "solid", 0, 1), Obj("circle", "blue", "small", "outline", 3, 3),
+                   Obj("circle", "red", "small", "solid", 2, 0)))
+    diamond, blue_circle, red_circle = 1, 15, 8
+    rng, seen = random.Random(0), {}
+    for _ in range(400):
+        for item in language.questions(scene, rng):
+            seen.setdefault(item["category"], set()).add((item["question"], item["answer"], tuple(item["cells"])))
+    assert ("What colour is the diamond?", "red", (diamond,)) in seen["colour"]
+    # "small" is shared by both circles, so the reference qualifies by fill
+    assert ("What colour is the small circle?", "blue", (blue_circle,)) not in seen["colour"]
+    assert ("What colour is the outline circle?", "blue", (blue_circle,)) in seen["colour"]
+    assert ("What shape is the blue object?", "circle", (blue_circle,)) in seen["shape"]
+    assert ("Is there a red circle?", "yes", (red_circle,)) in seen["existence"]
+    assert ("Is there a blue diamond?", "no", ()) in seen["existence"]
+    assert ("How many circles are there?", "2", (red_circle, blue_circle)) in seen["counting"]
+    assert ("Where is the red diamond?", "top left", (diamond,)) in seen["position"]
+    assert ("Is the red circle left of the blue circle?", "yes", (red_circle, blue_circle)) in seen["spatial"]
+    assert all(len(cells) == 1 for kind in ("colour", "shape", "position", "size", "fill")
+               for _, _, cells in seen[kind])
+
+
+def test_targets_point_at_the_key_word_the_answer_and_the_cells(enc):
+    scene = Scene((Obj("diamond", "red", "large", "solid", 0, 1), Obj("diamond", "blue", "small", "outline", 3, 3)))
+    turns = [("What colour is the large diamond?", "red", "colour", (1,)),
+             ("Is there a green circle?", "no", "existence", ()),
+             ("What shape is the blue object?" + SHORT_ANSWER, "diamond", "shape", (15,))]
+    doc = reading_document(scene, random.Random(0), enc, ReadingConfig(), turns=turns, system=False)
+    board = doc.input_ids.index(enc.image_token_id)
+    tokens = enc.tokenizer.convert_ids_to_tokens(doc.input_ids)
+    first, second = doc.targets  # the "no" has no cells and no target
+    assert [tokens[first.key], tokens[first.asked], tokens[second.key], tokens[second.asked]] == \
+        ["Ġdiamond", "?", "Ġblue", "?"]
+    assert (first.answer, second.answer) == (doc.answers[0][0] - 1, doc.answers[2][0] - 1)
+    assert first.cells == (board + 1,) and first.match == (board + 1, board + 15)  # both diamonds
+    assert second.cells == second.match == (board + 15,)

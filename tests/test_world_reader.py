@@ -83,3 +83,29 @@ def test_a_test_size_reader_is_deterministic_and_learns(tokenizer):
     assert [e["step"] for e in metrics["probe"]] == [20, 40]
     assert set(metrics["probe"][-1]["probe"]) == set(metrics["blank"]) == {"colour", "shape"}
     assert metrics["probe"][-1]["loss"] < metrics["probe"][0]["loss"] < 7.0
+
+
+def test_the_attention_loss_is_minus_log_the_attention_on_each_target():
+    from vlmablate.world.reader import attention_loss, parse_attend
+    from vlmablate.world.reading import ReadingDoc, Target
+
+    doc = ReadingDoc([0] * 8, [True] * 8, targets=[Target(asked=6, answer=7, cells=(1,), key=5, match=(1, 2))])
+    weights = torch.zeros(1, 2, 8, 8)  # [batch, heads, query, key]
+    weights[0, 0, 5, 1], weights[0, 0, 5, 2] = 0.5, 0.25  # layer 0 head 0 at the key word: 3/4 on the match
+    weights[0, 1, 7, 5] = 0.125  # head 1 at the answer position: 1/8 on the key word
+    weights[0, 1, 5, 4] = 0.5  # head 1 at the key word: 1/2 on the previous token
+    losses = attention_loss([weights, weights], [doc], ("0.0:key>cells", "0.0:key>match", "1.1:answer>key",
+                                                        "0.1:key>prev", "0.1:question>cells"))
+    expected = -torch.log(torch.tensor([0.5, 0.75, 0.125, 0.5, 0.0]) + 1e-6)
+    torch.testing.assert_close(losses, expected)
+    assert parse_attend("2.0:answer>cells") == (2, 0, "answer", "cells")
+    for bad in ("2:answer>cells", "2.0:cells>answer", "two.0:key>cells"):
+        with pytest.raises(ValueError, match="attention supervision"):
+            parse_attend(bad)
+
+
+def test_attention_supervision_teaches_its_head_to_look_at_the_key():
+    cfg = dataclasses.replace(TINY, steps=30, attend_loss=1.0, attend=("1.0:answer>key",))
+    _, _, metrics = train_reader(cfg, world_tokenizer(), progress=False, log=lambda row: None)
+    first, last = metrics["probe"][0]["attend"][0], metrics["probe"][-1]["attend"][0]
+    assert last < 0.6 * first, (first, last)  # 3.11 -> 1.59 here: from ~1/22 of its attention to ~1/5

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 
-from vlmablate.world.scenes import COLOURS, FILLS, SHAPES, SIZES, Obj, Scene, position, quadrant
+from vlmablate.world.scenes import COLOURS, FILLS, GRID, SHAPES, SIZES, Obj, Scene, position, quadrant
 
 CATEGORIES = ("existence", "colour", "shape", "counting", "position", "spatial", "size", "fill")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
@@ -118,13 +118,19 @@ def describe(scene: Scene) -> str:
 # --- questions --------------------------------------------------------------------------------------
 
 
+def cell(o: Obj) -> int:
+    """The object's cell in raster order: its patch's place among the 16 image tokens."""
+    return o.row * GRID + o.col
+
+
 def _item(category: str, question: str, answer: str, options: list[str], sentence: str,
-          rng: random.Random) -> dict:
+          rng: random.Random, about: list[Obj] = ()) -> dict:
+    """`about`: the objects the answer is read from; `cells` lists their cells in raster order."""
     assert answer in options and len(set(options)) == len(options), (answer, options)
     options = list(options)
     rng.shuffle(options)  # the correct option's position carries no signal
     return {"category": category, "question": question, "answer": answer, "options": options,
-            "sentence": sentence}
+            "sentence": sentence, "cells": sorted(cell(o) for o in about)}
 
 
 def _choices(answer: str, preferred: list[str], pool: list[str], rng: random.Random, k: int = 4) -> list[str]:
@@ -153,7 +159,8 @@ def _existence(scene: Scene, rng: random.Random) -> dict:
     question = rng.choice((f"Is there {thing}?", f"Is there {thing} in the image?",
                            f"Does the image contain {thing}?", f"Can you see {thing}?"))
     sentence = f"Yes, there is {thing}." if answer == "yes" else f"No, there is no {colour} {shape}."
-    return _item("existence", question, answer, list(YES_NO), sentence, rng)
+    about = [o for o in scene.objects if (o.shape, o.colour) == (shape, colour)]
+    return _item("existence", question, answer, list(YES_NO), sentence, rng, about)
 
 
 def _reference(scene: Scene, o: Obj, attribute: str, noun: str) -> str:
@@ -185,7 +192,7 @@ def _colour(scene: Scene, rng: random.Random) -> dict:
     question = rng.choice((f"What colour is {target}?", f"What is the colour of {target}?",
                            f"Which colour does {target} have?"))
     options = _choices(o.colour, [p.colour for p in scene.objects], list(COLOURS), rng)
-    return _item("colour", question, o.colour, options, f"{sentence_case(target)} is {o.colour}.", rng)
+    return _item("colour", question, o.colour, options, f"{sentence_case(target)} is {o.colour}.", rng, [o])
 
 
 def _shape(scene: Scene, rng: random.Random) -> dict:
@@ -194,27 +201,28 @@ def _shape(scene: Scene, rng: random.Random) -> dict:
     question = rng.choice((f"What shape is {target}?", f"Which shape is {target}?",
                            f"What is the shape of {target}?"))
     options = _choices(o.shape, [p.shape for p in scene.objects], list(SHAPES), rng)
-    return _item("shape", question, o.shape, options, f"{sentence_case(target)} is {a(o.shape)}.", rng)
+    return _item("shape", question, o.shape, options, f"{sentence_case(target)} is {a(o.shape)}.", rng, [o])
 
 
 def _counting(scene: Scene, rng: random.Random) -> dict:
     kind = rng.choices(("all", "colour", "shape"), weights=(4, 3, 3))[0]
     if kind == "all":
-        n, noun = len(scene.objects), "shape"
+        counted, noun = scene.objects, "shape"
         question = rng.choice(("How many shapes are there?", "How many shapes are in the image?",
                                "How many objects can you see?"))
     elif kind == "colour":
         colour = rng.choice(scene.objects).colour
-        n, noun = sum(o.colour == colour for o in scene.objects), f"{colour} shape"
+        counted, noun = [o for o in scene.objects if o.colour == colour], f"{colour} shape"
         question = f"How many {colour} shapes are there?"
     else:
         shape = rng.choice(scene.objects).shape
-        n, noun = sum(o.shape == shape for o in scene.objects), shape
+        counted, noun = [o for o in scene.objects if o.shape == shape], shape
         question = rng.choice((f"How many {plural(shape)} are there?", f"How many {plural(shape)} can you see?"))
+    n = len(counted)
     counts = [str(k) for k in range(1, MAX_COUNT_OPTION + 1)]
     verb = "is" if n == 1 else "are"
     return _item("counting", question, str(n), _choices(str(n), [], counts, rng),
-                 f"There {verb} {count_phrase(n, noun)}.", rng)
+                 f"There {verb} {count_phrase(n, noun)}.", rng, counted)
 
 
 def _position(scene: Scene, rng: random.Random) -> dict:
@@ -222,7 +230,7 @@ def _position(scene: Scene, rng: random.Random) -> dict:
     question = rng.choice((f"Where is {ref(o)}?", f"In which part of the image is {ref(o)}?",
                            f"Which quarter of the image is {ref(o)} in?"))
     return _item("position", question, quadrant(o), list(QUADRANTS),
-                 f"{sentence_case(ref(o))} is at the {quadrant(o)}.", rng)
+                 f"{sentence_case(ref(o))} is at the {quadrant(o)}.", rng, [o])
 
 
 # Relation word -> does it hold for (a, b): a is <relation> b.
@@ -257,7 +265,7 @@ def _spatial_yes_no(scene: Scene, rng: random.Random) -> dict:
     question = rng.choice((f"Is {ref(p)} {rel} {ref(q)}?", f"Is {ref(p)} {spoken(rel)} {ref(q)}?"))
     true_rel = rel if holds else _OPPOSITE[rel]
     sentence = f"{'Yes' if holds else 'No'}, {ref(p)} is {spoken(true_rel)} {ref(q)}."
-    return _item("spatial", question, "yes" if holds else "no", list(YES_NO), sentence, rng)
+    return _item("spatial", question, "yes" if holds else "no", list(YES_NO), sentence, rng, [p, q])
 
 
 def _spatial_which(scene: Scene, b: Obj, rel: str, rng: random.Random) -> dict:
@@ -268,14 +276,14 @@ def _spatial_which(scene: Scene, b: Obj, rel: str, rng: random.Random) -> dict:
     absent = [f"{c} {s}" for s in SHAPES for c in COLOURS if (s, c) not in present]
     question = f"Which shape is {rel} {ref(b)}?"
     sentence = f"{sentence_case(ref(o))} is {rel} {ref(b)}."
-    return _item("spatial", question, answer, _choices(answer, others, absent, rng), sentence, rng)
+    return _item("spatial", question, answer, _choices(answer, others, absent, rng), sentence, rng, [o, b])
 
 
 def _size(scene: Scene, rng: random.Random) -> dict:
     o = rng.choice(scene.objects)
     question = rng.choice((f"Is {ref(o)} large or small?", f"Is {ref(o)} small or large?",
                            f"What size is {ref(o)}?"))
-    return _item("size", question, o.size, list(SIZES), f"{sentence_case(ref(o))} is {o.size}.", rng)
+    return _item("size", question, o.size, list(SIZES), f"{sentence_case(ref(o))} is {o.size}.", rng, [o])
 
 
 def _fill(scene: Scene, rng: random.Random) -> dict:
@@ -283,7 +291,7 @@ def _fill(scene: Scene, rng: random.Random) -> dict:
     question = rng.choice((f"Is {ref(o)} solid or outline?", f"Is {ref(o)} drawn solid or as an outline?",
                            f"What fill does {ref(o)} have?"))
     sentence = f"{sentence_case(ref(o))} is " + ("solid." if o.fill == "solid" else "drawn as an outline.")
-    return _item("fill", question, o.fill, list(FILLS), sentence, rng)
+    return _item("fill", question, o.fill, list(FILLS), sentence, rng, [o])
 
 
 _MAKERS = {

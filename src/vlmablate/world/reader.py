@@ -64,6 +64,13 @@ class ReaderConfig:
     caption_share: float = 0.1
     text_share: float = 0.1
     reading: ReadingConfig = field(default_factory=ReadingConfig)
+    # Attention supervision, each entry "LAYER.HEAD:FROM>TO": that head, at position FROM ("key": the
+    # question's last word naming its object's colour or shape, "question": its "?", "answer": the
+    # position that predicts the answer), is taught to look at TO ("cells": the cells the answer is
+    # read from, "match": the cells of every object the key word names, "key": the key word, "prev": the
+    # token before FROM), with weight `attend_loss` (0 turns it off).
+    attend_loss: float = 0.0
+    attend: tuple[str, ...] = ("2.0:answer>cells",)
     eval_every: int = 100
     probe_per_kind: int = 50
 
@@ -151,6 +158,41 @@ def batch_inputs(model, board: BoardEmbedding, enc: Encoder, docs: list[ReadingD
     return inputs, labels, mask
 
 
+def parse_attend(spec: str) -> tuple[int, int, str, str]:
+    """"2.0:answer>cells" -> (2, 0, "answer", "cells")."""
+    try:
+        head, _, route = spec.partition(":")
+        layer, head = (int(x) for x in head.split("."))
+        origin, target = route.split(">")
+    except ValueError:
+        raise ValueError(f"attention supervision {spec!r} is not LAYER.HEAD:FROM>TO") from None
+    if origin not in ("key", "question", "answer") or target not in ("cells", "match", "key", "prev"):
+        raise ValueError(f"attention supervision {spec!r}: FROM is key|question|answer, TO is cells|match|key|prev")
+    return layer, head, origin, target
+
+
+def attention_loss(attentions, docs: list[ReadingDoc], specs: tuple[str, ...]) -> torch.Tensor:
+    """Per supervised head, the batch's mean -log(attention from FROM on TO)."""
+    losses = []
+    for layer, head, origin, target in map(parse_attend, specs):
+        rows, queries, hot = [], [], []
+        for i, d in enumerate(docs):
+            for t in d.targets:
+                where = {"answer": t.answer, "question": t.asked, "key": t.key}[origin]
+                goal = {"cells": t.cells, "match": t.match, "key": (t.key,), "prev": (where - 1,)}[target]
+                if where <= max(goal):
+                    continue  # a position only looks back (and not at itself)
+                row = torch.zeros(attentions[0].shape[-1])
+                row[list(goal)] = 1.0
+                rows.append(i), queries.append(where), hot.append(row)
+        if not rows:
+            losses.append(attentions[0].new_zeros(()))
+            continue
+        weights = attentions[layer][torch.tensor(rows), head, torch.tensor(queries)]  # [n, keys]
+        losses.append(-torch.log((weights * torch.stack(hot)).sum(-1) + 1e-6).mean())
+    return torch.stack(losses)
+
+
 def train_reader(cfg: ReaderConfig, tokenizer, *, progress: bool = True, log=print):
     """Train a LlamaForCausalLM and its BoardEmbedding; return (model, board, metrics).
 
@@ -161,8 +203,10 @@ def train_reader(cfg: ReaderConfig, tokenizer, *, progress: bool = True, log=pri
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(llama_config(cfg, tokenizer))
+        if cfg.attend_loss:
+            model.set_attn_implementation("eager")  # the supervised heads' weights must be materialised
         board = BoardEmbedding(cfg.hidden, enc.vocab.place_ids)
-        history, losses = [], []
+        history, losses, attend = [], [], []
         params = [*model.parameters(), *board.parameters()]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
         schedule = get_cosine_schedule_with_warmup(optimizer, max(1, int(cfg.steps * cfg.warmup)), cfg.steps)
@@ -170,12 +214,18 @@ def train_reader(cfg: ReaderConfig, tokenizer, *, progress: bool = True, log=pri
         start = time.perf_counter()
         model.train()
         for step in tqdm(range(1, cfg.steps + 1), desc="reader pretraining", disable=not progress):
-            inputs, labels, mask = batch_inputs(model, board, enc, stream.batch(step))
-            logits = model(inputs_embeds=inputs, attention_mask=mask).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+            docs = stream.batch(step)
+            inputs, labels, mask = batch_inputs(model, board, enc, docs)
+            out = model(inputs_embeds=inputs, attention_mask=mask, output_attentions=bool(cfg.attend_loss))
+            loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=IGNORE_INDEX)
+            total = loss
+            if cfg.attend_loss:
+                extra = attention_loss(out.attentions, docs, cfg.attend)
+                attend.append(extra.detach())
+                total = loss + cfg.attend_loss * extra.mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
@@ -185,6 +235,9 @@ def train_reader(cfg: ReaderConfig, tokenizer, *, progress: bool = True, log=pri
                 window = losses[-cfg.eval_every:]
                 history.append({"step": step, "seconds": round(time.perf_counter() - start, 1),
                                 "loss": round(sum(window) / len(window), 4), "probe": scores})
+                if attend:
+                    recent = torch.stack(attend[-cfg.eval_every:]).mean(0)
+                    history[-1]["attend"] = [round(v, 3) for v in recent.tolist()]
                 log(format_probe_row(history[-1]))
         model.eval()
         blank = reading_probe(model, board, enc, items, blank=True)
@@ -197,5 +250,6 @@ def train_reader(cfg: ReaderConfig, tokenizer, *, progress: bool = True, log=pri
 def format_probe_row(entry: dict) -> str:
     scores = entry["probe"]
     mean = sum(scores.values()) / len(scores)
-    return (f"step {entry['step']:>5}  {entry['seconds']:>6.0f}s  loss {entry['loss']:.3f}  mean {mean:.2f}  "
+    attend = f"  attend {' '.join(f'{v:.2f}' for v in entry['attend'])}" if "attend" in entry else ""
+    return (f"step {entry['step']:>5}  {entry['seconds']:>6.0f}s  loss {entry['loss']:.3f}{attend}  mean {mean:.2f}  "
             + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))

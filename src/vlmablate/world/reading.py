@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -64,11 +65,22 @@ class ReadingConfig:
         return min(self.max_objects, 1 + int(step * (self.max_objects - 1) / self.curriculum_steps))
 
 
+class Target(NamedTuple):
+    """Where a question's answer is on the board, as positions in its document."""
+
+    asked: int  # the question's last token ("?"), before any options or instruction line
+    answer: int  # the position whose logits give the answer's first token
+    cells: tuple[int, ...]  # the cells the answer is read from
+    key: int  # the question's last word naming its object's colour or shape ("asked" if none)
+    match: tuple[int, ...]  # the cells of every object that the key word names
+
+
 @dataclass
 class ReadingDoc:
     input_ids: list[int]
     learn: list[bool]  # which positions the loss covers
     answers: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, kind) token spans
+    targets: list[Target] = field(default_factory=list)
     scene: Scene | None = None
 
 
@@ -85,31 +97,35 @@ class Encoder:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _turn(scene: Scene, kind: str, fmt: str, rng: random.Random, suffix: bool) -> tuple[str, str] | None:
+def _turn(scene: Scene, kind: str, fmt: str, rng: random.Random, suffix: bool) -> tuple | None:
+    """(question, answer, kind, cells the answer is read from), or None where the scene has no such question."""
     item = language.question(scene, kind, rng)
     if item is None:
         return None
     if fmt == "sentence":
-        return item["question"], item["sentence"]
-    if fmt == "choice":  # MMBench's layout: the options under the question, the letter as the answer
+        question, answer = item["question"], item["sentence"]
+    elif fmt == "choice":  # MMBench's layout: the options under the question, the letter as the answer
         options = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(item["options"]))
-        return f"{item['question']}\n{options}\n{CHOICE_PROMPT}", LETTERS[item["options"].index(item["answer"])]
-    return item["question"] + (SHORT_ANSWER if suffix else ""), item["answer"]
+        question = f"{item['question']}\n{options}\n{CHOICE_PROMPT}"
+        answer = LETTERS[item["options"].index(item["answer"])]
+    else:
+        question, answer = item["question"] + (SHORT_ANSWER if suffix else ""), item["answer"]
+    return question, answer, kind, tuple(item["cells"])
 
 
 def reading_document(scene: Scene, rng: random.Random, enc: Encoder, cfg: ReadingConfig, *,
                      turns: list[tuple[str, str, str]] | None = None, system: bool | None = None) -> ReadingDoc:
-    """One conversation about `scene`: `turns` (question, answer, kind) if given, else drawn from `cfg`."""
+    """One conversation about `scene`: `turns` (question, answer, kind[, cells]) if given, else drawn from `cfg`."""
     if turns is None:
         turns, wanted = [], rng.randint(*cfg.qa_per_doc)
         if cfg.describe_share and rng.random() < cfg.describe_share:
-            turns.append((rng.choice(DETAIL_PROMPTS), language.describe(scene), "describe"))
+            turns.append((rng.choice(DETAIL_PROMPTS), language.describe(scene), "describe", ()))
             wanted += 1
         for _ in range(wanted * 4):  # a spatial question needs two objects: draw again when one is refused
             kind, fmt = rng.choice(cfg.kinds), rng.choice(cfg.formats)
             turn = _turn(scene, kind, fmt, rng, rng.random() < cfg.suffix_share)
             if turn is not None:
-                turns.append((*turn, kind))
+                turns.append(turn)
             if len(turns) == wanted:
                 break
     if system is None:
@@ -122,12 +138,30 @@ def reading_document(scene: Scene, rng: random.Random, enc: Encoder, cfg: Readin
         doc.learn.extend([learn] * len(ids))
 
     add((tok.bos_token_id, *enc.encode((SYSTEM + " " if system else "") + "USER: ")), cfg.loss == "all")
+    board = len(doc.input_ids)
     add((enc.image_token_id,) * N_CELLS, False)
-    for i, (question, answer, kind) in enumerate(turns):
-        add(enc.encode(("\n" if i == 0 else "USER: ") + question + " ") + enc.encode("ASSISTANT:"), cfg.loss == "all")
+    for i, (question, answer, kind, *cells) in enumerate(turns):
+        opening = ("\n" if i == 0 else "USER: ")
+        asked = len(doc.input_ids) + len(enc.encode(opening + question.split("\n")[0])) - 1
+        add(enc.encode(opening + question + " ") + enc.encode("ASSISTANT:"), cfg.loss == "all")
         start = len(doc.input_ids)
         add((*enc.encode(" " + answer), tok.eos_token_id), True)
         doc.answers.append((start, len(doc.input_ids), kind))
+        if cells and cells[0]:
+            # The key: the last word of the question that names the colour or shape of its one object;
+            # `match`: the cells of every object with that colour or shape.
+            key, match = asked, cells[0]
+            if len(cells[0]) == 1:
+                (obj,) = [o for o in scene.objects if language.cell(o) == cells[0][0]]
+                words = {enc.vocab.ids[obj.colour]: "colour", enc.vocab.ids[obj.shape]: "shape"}
+                turn_ids = doc.input_ids[asked - len(enc.encode(opening + question.split("\n")[0])) + 1: asked + 1]
+                hits = [(asked - len(turn_ids) + 1 + j, words[t]) for j, t in enumerate(turn_ids) if t in words]
+                if hits:
+                    key, attribute = hits[-1]
+                    match = tuple(sorted(language.cell(o) for o in scene.objects
+                                         if getattr(o, attribute) == getattr(obj, attribute)))
+            doc.targets.append(Target(asked, start - 1, tuple(board + c for c in cells[0]), key,
+                                      tuple(board + c for c in match)))
     return doc
 
 
@@ -159,7 +193,7 @@ def probe_items(enc: Encoder, kinds: tuple[str, ...], n_per_kind: int, seed: int
             i += 1
             turn = _turn(scene, kind, fmt, rng, suffix=True)
             if turn is not None:
-                docs.append(reading_document(scene, rng, enc, cfg, turns=[(*turn, kind)], system=True))
+                docs.append(reading_document(scene, rng, enc, cfg, turns=[turn], system=True))
         items[kind] = docs
     return items
 
