@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab-size", type=int, default=768)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="also write the config and the probe history here")
+    parser.add_argument("--save", default=None, metavar="DIR",
+                        help="also save the LM with its tokenizer (save_pretrained) and the board (board.pt) here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,7 +73,11 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     tokenizer = world_tokenizer(args.vocab_size)
     print(f"config: {json.dumps(dataclasses.asdict(cfg))}", flush=True)
-    _, _, metrics = train_reader(cfg, tokenizer, progress=False, log=lambda row: print(row, flush=True))
+    model, board, metrics = train_reader(cfg, tokenizer, progress=False, log=lambda row: print(row, flush=True))
+    if args.save:
+        model.save_pretrained(args.save)
+        tokenizer.save_pretrained(args.save)
+        torch.save(board.state_dict(), f"{args.save}/board.pt")
     blank = metrics["blank"]
     print("blank boards:  " + "  ".join(f"{k} {v:.2f}" for k, v in blank.items()))
     print(f"total {time.perf_counter() - start:.0f}s, LM {metrics['params']:,} parameters, "

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from vlmablate.world.board import N_CELLS, BoardEmbedding, attribute_words, single_token_id
@@ -109,3 +110,19 @@ def test_attention_supervision_teaches_its_head_to_look_at_the_key():
     _, _, metrics = train_reader(cfg, world_tokenizer(), progress=False, log=lambda row: None)
     first, last = metrics["probe"][0]["attend"][0], metrics["probe"][-1]["attend"][0]
     assert last < 0.6 * first, (first, last)  # 3.11 -> 1.59 here: from ~1/22 of its attention to ~1/5
+
+
+def test_the_readout_loss_scores_the_answer_through_the_lm_head_early(tokenizer):
+    from vlmablate.world.reader import readout_loss
+    from vlmablate.world.reading import ReadingDoc, Target
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(TINY, tokenizer))
+    ids = [5, 6, 7, 8, 9, 10]
+    doc = ReadingDoc(ids, [True] * 6, targets=[Target(asked=2, answer=3, cells=(0,), key=1, match=(0,))])
+    hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    expected = F.cross_entropy(model.lm_head(model.model.norm(hidden[1][0, 3:4])), torch.tensor([9]))
+    torch.testing.assert_close(readout_loss(model, hidden, [doc], (0,)), expected)
+    # The last layer's read-out is the LM's own loss on the answer's first token.
+    last = F.cross_entropy(model(torch.tensor([ids])).logits[0, 3:4], torch.tensor([9]))
+    torch.testing.assert_close(readout_loss(model, hidden, [doc], (TINY.layers - 1,)), last, rtol=1e-4, atol=1e-4)

@@ -71,6 +71,11 @@ class ReaderConfig:
     # token before FROM), with weight `attend_loss` (0 turns it off).
     attend_loss: float = 0.0
     attend: tuple[str, ...] = ("2.0:answer>cells",)
+    # Early read-out: the hidden state after each of these layers, at the position that predicts an
+    # answer, is also scored through the final norm and the LM head against the answer's first token
+    # (weight `readout_loss`), so the layers that move the looked-up object carry its attributes.
+    readout_loss: float = 0.0
+    readout_layers: tuple[int, ...] = ()
     eval_every: int = 100
     probe_per_kind: int = 50
 
@@ -193,6 +198,37 @@ def attention_loss(attentions, docs: list[ReadingDoc], specs: tuple[str, ...]) -
     return torch.stack(losses)
 
 
+@torch.no_grad()
+def attention_probe(model, board: BoardEmbedding, enc: Encoder, items: dict[str, list[ReadingDoc]],
+                    specs: tuple[str, ...]) -> dict[str, list[float]]:
+    """Per kind of question (held-out `items`), each supervised head's mean attention from FROM on TO.
+    The model must use eager attention (as it does while `attend_loss` is on)."""
+    was_training = model.training
+    model.eval()
+    result = {}
+    for kind, docs in items.items():
+        ids, _, mask = collate(docs, enc.tokenizer.pad_token_id)
+        cells = torch.stack([enc.vocab.cells(d.scene) for d in docs])
+        out = model(inputs_embeds=embed_inputs(model, board, ids, cells, enc.image_token_id), attention_mask=mask,
+                    output_attentions=True)
+        losses = attention_loss(out.attentions, docs, specs)
+        result[kind] = [round(float(torch.exp(-v)), 2) if v else None for v in losses]  # geometric mean mass
+    model.train(was_training)
+    return result
+
+
+def readout_loss(model, hidden_states, docs: list[ReadingDoc], layers: tuple[int, ...]) -> torch.Tensor:
+    """Cross-entropy of the answer's first token from the hidden state after each of `layers` (the LM head
+    applied early), at every supervised answer position of the batch."""
+    rows = [(i, t.answer, d.input_ids[t.answer + 1]) for i, d in enumerate(docs) for t in d.targets]
+    if not rows or not layers:
+        return hidden_states[0].new_zeros(())
+    rows, positions, answers = (torch.tensor(x) for x in zip(*rows))
+    losses = [F.cross_entropy(model.lm_head(model.model.norm(hidden_states[layer + 1][rows, positions])).float(),
+                              answers) for layer in layers]
+    return torch.stack(losses).mean()
+
+
 def train_reader(cfg: ReaderConfig, tokenizer, *, progress: bool = True, log=print):
     """Train a LlamaForCausalLM and its BoardEmbedding; return (model, board, metrics).
 
@@ -216,14 +252,17 @@ def train_reader(cfg: ReaderConfig, tokenizer, *, progress: bool = True, log=pri
         for step in tqdm(range(1, cfg.steps + 1), desc="reader pretraining", disable=not progress):
             docs = stream.batch(step)
             inputs, labels, mask = batch_inputs(model, board, enc, docs)
-            out = model(inputs_embeds=inputs, attention_mask=mask, output_attentions=bool(cfg.attend_loss))
+            out = model(inputs_embeds=inputs, attention_mask=mask, output_attentions=bool(cfg.attend_loss),
+                        output_hidden_states=bool(cfg.readout_loss))
             loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=IGNORE_INDEX)
             total = loss
             if cfg.attend_loss:
                 extra = attention_loss(out.attentions, docs, cfg.attend)
                 attend.append(extra.detach())
-                total = loss + cfg.attend_loss * extra.mean()
+                total = total + cfg.attend_loss * extra.mean()
+            if cfg.readout_loss:
+                total = total + cfg.readout_loss * readout_loss(model, out.hidden_states, docs, cfg.readout_layers)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -238,6 +277,7 @@ def train_reader(cfg: ReaderConfig, tokenizer, *, progress: bool = True, log=pri
                 if attend:
                     recent = torch.stack(attend[-cfg.eval_every:]).mean(0)
                     history[-1]["attend"] = [round(v, 3) for v in recent.tolist()]
+                    history[-1]["attend_by_kind"] = attention_probe(model, board, enc, items, cfg.attend)
                 log(format_probe_row(history[-1]))
         model.eval()
         blank = reading_probe(model, board, enc, items, blank=True)
@@ -251,5 +291,9 @@ def format_probe_row(entry: dict) -> str:
     scores = entry["probe"]
     mean = sum(scores.values()) / len(scores)
     attend = f"  attend {' '.join(f'{v:.2f}' for v in entry['attend'])}" if "attend" in entry else ""
-    return (f"step {entry['step']:>5}  {entry['seconds']:>6.0f}s  loss {entry['loss']:.3f}{attend}  mean {mean:.2f}  "
-            + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    row = (f"step {entry['step']:>5}  {entry['seconds']:>6.0f}s  loss {entry['loss']:.3f}{attend}  mean {mean:.2f}  "
+           + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    if "attend_by_kind" in entry:  # each supervised head's attention on its target, per kind: "kind a/b/c"
+        row += "\n    on target: " + "  ".join(f"{k} " + "/".join("-" if v is None else f"{v:.2f}" for v in vs)
+                                             for k, vs in entry["attend_by_kind"].items())
+    return row
