@@ -99,11 +99,12 @@ def test_full_fine_tune_saves_a_loadable_model(run_cell, tmp_path):
 
 
 def test_fully_masked_data_stops_before_training(run_cell, tmp_path):
-    # 66 tokens hold the system prompt, the image and most questions but no answer: labels are all masked.
-    with pytest.raises(DataError, match="masked"):
+    # 66 tokens hold the system prompt, the image and most questions but no answer: the length scan names
+    # every such record a bad one (answer_truncated) before any training, under the default on_bad_sample=error.
+    with pytest.raises(DataError, match=r"bad record \(answer_truncated\): max_length cuts off every token"):
         run_cell("freeze=lora_llm", "model.max_length=66", "train.max_steps=2", name="masked")
     summary = read_summary(tmp_path / "masked")
-    assert summary["status"] == "failed" and "masked" in summary["error"]
+    assert summary["status"] == "failed" and "answer_truncated" in summary["error"]
 
 
 def test_invalid_config_fails_before_loading_and_writes_a_failed_summary(run_cell, tmp_path):
