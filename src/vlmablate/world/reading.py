@@ -141,28 +141,32 @@ def reading_document(scene: Scene, rng: random.Random, enc: Encoder, cfg: Readin
     board = len(doc.input_ids)
     add((enc.image_token_id,) * N_CELLS, False)
     for i, (question, answer, kind, *cells) in enumerate(turns):
-        opening = ("\n" if i == 0 else "USER: ")
-        asked = len(doc.input_ids) + len(enc.encode(opening + question.split("\n")[0])) - 1
+        opening, begin = ("\n" if i == 0 else "USER: "), len(doc.input_ids)
+        asked_ids = enc.encode(opening + question.split("\n")[0])  # the question without options or instruction
         add(enc.encode(opening + question + " ") + enc.encode("ASSISTANT:"), cfg.loss == "all")
         start = len(doc.input_ids)
         add((*enc.encode(" " + answer), tok.eos_token_id), True)
         doc.answers.append((start, len(doc.input_ids), kind))
         if cells and cells[0]:
-            # The key: the last word of the question that names the colour or shape of its one object;
-            # `match`: the cells of every object with that colour or shape.
-            key, match = asked, cells[0]
-            if len(cells[0]) == 1:
-                (obj,) = [o for o in scene.objects if language.cell(o) == cells[0][0]]
-                words = {enc.vocab.ids[obj.colour]: "colour", enc.vocab.ids[obj.shape]: "shape"}
-                turn_ids = doc.input_ids[asked - len(enc.encode(opening + question.split("\n")[0])) + 1: asked + 1]
-                hits = [(asked - len(turn_ids) + 1 + j, words[t]) for j, t in enumerate(turn_ids) if t in words]
-                if hits:
-                    key, attribute = hits[-1]
-                    match = tuple(sorted(language.cell(o) for o in scene.objects
-                                         if getattr(o, attribute) == getattr(obj, attribute)))
-            doc.targets.append(Target(asked, start - 1, tuple(board + c for c in cells[0]), key,
-                                      tuple(board + c for c in match)))
+            doc.targets.append(_target(scene, enc, cells[0], asked_ids, begin, start - 1, board))
     return doc
+
+
+def _target(scene: Scene, enc: Encoder, cells: tuple[int, ...], asked_ids: tuple[int, ...], begin: int,
+            answer: int, board: int) -> Target:
+    """Positions for a question whose tokens `asked_ids` start at `begin`. The key is the question's last word
+    naming its one object's colour or shape; `match` the cells of every object with that colour or shape."""
+    asked = key = begin + len(asked_ids) - 1
+    match = cells
+    if len(cells) == 1:
+        (obj,) = [o for o in scene.objects if language.cell(o) == cells[0]]
+        words = {enc.vocab.ids[obj.colour]: "colour", enc.vocab.ids[obj.shape]: "shape"}
+        hits = [(begin + j, words[t]) for j, t in enumerate(asked_ids) if t in words]
+        if hits:
+            key, attribute = hits[-1]
+            match = tuple(sorted(language.cell(o) for o in scene.objects
+                                 if getattr(o, attribute) == getattr(obj, attribute)))
+    return Target(asked, answer, tuple(board + c for c in cells), key, tuple(board + c for c in match))
 
 
 def collate(docs: list[ReadingDoc], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
