@@ -126,3 +126,12 @@ def test_the_readout_loss_scores_the_answer_through_the_lm_head_early(tokenizer)
     # The last layer's read-out is the LM's own loss on the answer's first token.
     last = F.cross_entropy(model(torch.tensor([ids])).logits[0, 3:4], torch.tensor([9]))
     torch.testing.assert_close(readout_loss(model, hidden, [doc], (TINY.layers - 1,)), last, rtol=1e-4, atol=1e-4)
+
+
+def test_supervision_must_name_layers_and_heads_the_lm_has():
+    assert ReaderConfig().attend[-1] == "3.0:answer>cells" and ReaderConfig().readout_layers == (1, 2)
+    ReaderConfig(layers=2)  # off by default: nothing to check
+    with pytest.raises(ValueError, match=r"\['2.0:answer>key', '3.0:answer>cells'\] name layers or heads a 2-layer"):
+        ReaderConfig(layers=2, attend_loss=1.0)
+    with pytest.raises(ValueError, match=r"read-out after layer 2"):
+        ReaderConfig(layers=2, readout_loss=1.0)

@@ -70,14 +70,23 @@ class ReaderConfig:
     # read from, "match": the cells of every object the key word names, "key": the key word, "prev": the
     # token before FROM), with weight `attend_loss` (0 turns it off).
     attend_loss: float = 0.0
-    attend: tuple[str, ...] = ("2.0:answer>cells",)
+    # The default heads are the best recipe measured (docs/tiny_world_reading.md, runs R3 and R5).
+    attend: tuple[str, ...] = ("0.0:key>match", "0.1:key>prev", "1.0:key>cells", "2.0:answer>key", "3.0:answer>cells")
     # Early read-out: the hidden state after each of these layers, at the position that predicts an
     # answer, is also scored through the final norm and the LM head against the answer's first token
     # (weight `readout_loss`), so the layers that move the looked-up object carry its attributes.
     readout_loss: float = 0.0
-    readout_layers: tuple[int, ...] = ()
+    readout_layers: tuple[int, ...] = (1, 2)
     eval_every: int = 100
     probe_per_kind: int = 50
+
+    def __post_init__(self):
+        missing = [spec for spec in self.attend if self.attend_loss
+                   and (parse_attend(spec)[0] >= self.layers or parse_attend(spec)[1] >= self.heads)]
+        missing += [f"read-out after layer {layer}" for layer in self.readout_layers
+                    if self.readout_loss and layer >= self.layers]
+        if missing:
+            raise ValueError(f"{missing} name layers or heads a {self.layers}-layer, {self.heads}-head LM lacks")
 
 
 def world_tokenizer(vocab_size: int = 768, n_scenes: int = 2000):
