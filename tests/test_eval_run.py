@@ -195,6 +195,36 @@ def test_vqa_on_a_real_model_writes_scores(tiny, world_files, tmp_path):
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 5
 
 
+def test_the_suite_scores_vqa_with_a_blank_image_beside_the_image(tiny, world_files, tmp_path, monkeypatch):
+    """Fixed replies: the right answer wherever the image is not blank, "no" where it is."""
+    from vlmablate.config import EvalConfig
+    from vlmablate.eval.suite import run_eval
+
+    model, processor = tiny
+    mean = tuple(int(round(255 * m)) for m in processor.image_processor.image_mean)
+    from vlmablate.eval.vqa import vqa_score
+
+    records = json.loads(open(world_files["vqa_json"]).read())["data"][:8]
+    answers = {r["question_id"]: r["canonical_answer"] for r in records}
+    seen = []
+
+    def replies(model, processor, items, **kwargs):
+        seen.extend(set(it.image.getdata()) == {mean} for it in items)
+        return ["no" if set(it.image.getdata()) == {mean} else answers[it.key[0]] for it in items]
+
+    monkeypatch.setattr(eval_run, "generate_replies", replies)
+    cfg = EvalConfig(name="t", tasks=["textvqa"], text_only_baseline=True, max_questions=8, n_boot=10,
+                     vqa_json=world_files["vqa_json"], vqa_image_root=world_files["image_root"])
+    results, _ = run_eval(cfg, model, processor, tmp_path)
+    assert seen == [False] * 8 + [True] * 8
+    expected = [sum(vqa_score(r["canonical_answer"], r["answers"]) for r in records) / 8,
+                sum(vqa_score("no", r["answers"]) for r in records) / 8]
+    assert expected[0] > expected[1] + 0.3
+    assert results["textvqa"]["vqa_acc"] == pytest.approx(expected[0]) and results["textvqa"]["blank_image"] is False
+    assert results["vqa_blank_image"]["vqa_acc"] == pytest.approx(expected[1]) and results["vqa_blank_image"]["blank_image"]
+    assert (tmp_path / "vqa_blank_image" / "predictions.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_standalone_eval_reproduces_the_in_run_numbers(run_cell, tmp_path):
     s = run_cell("freeze=lora_llm", "vision=unfrozen", "train.max_steps=4", "eval=mmbench_fast",

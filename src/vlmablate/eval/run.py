@@ -217,14 +217,19 @@ def unscored_metrics(rows: list[dict], submission: dict) -> dict:
 
 def evaluate_vqa(model, processor, path: str | Path, *, out_dir: Path, image_root: str | Path | None = None,
                  use_ocr: bool = True, batch_size: int = 16, max_new_tokens: int = 16,
-                 max_questions: int | None = None, n_boot: int = 1000, progress: bool = False) -> dict:
+                 max_questions: int | None = None, blank: bool = False, n_boot: int = 1000,
+                 progress: bool = False) -> dict:
+    """Score a TextVQA-layout JSON (`blank`: every image replaced by a blank one of its size, the score of a
+    model that does not look); write `predictions.jsonl` into `out_dir`; return the metrics."""
     vqa = read_textvqa_json(path, image_root=image_root)[:max_questions]
     items, ocr_given = [], []
     for item in vqa:
         text, ocr = vqa_prompt(item, use_ocr=use_ocr)
         ocr_given.append(ocr)
         with Image.open(item.image) as image:
-            items.append(Item((item.question_id,), chat_prompt(processor, text), image.convert("RGB")))
+            image = image.convert("RGB")
+        items.append(Item((item.question_id,), chat_prompt(processor, text),
+                          blank_image(processor, image) if blank else image))
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -238,7 +243,8 @@ def evaluate_vqa(model, processor, path: str | Path, *, out_dir: Path, image_roo
         {"question_id": it.question_id, "question": it.question, "reply": r, "score": s, "ocr_given": o}
         for it, r, s, o in zip(vqa, replies, scores, ocr_given)])
     metrics = vqa_metrics(scores, n_boot=n_boot)
-    metrics.update(seconds=round(time.perf_counter() - start, 2), ocr_given=any(ocr_given), file=str(path))
+    metrics.update(seconds=round(time.perf_counter() - start, 2), ocr_given=any(ocr_given), file=str(path),
+                   blank_image=blank)
     return metrics
 
 

@@ -70,7 +70,11 @@ def run_eval(cfg: EvalConfig, model, processor, out_dir: Path, *, world: WorldCo
             log.info("MMBench with a blank image (text-only baseline): circular %s, vanilla %s",
                      _acc(blank["circular_acc"]), _acc(blank["vanilla_acc"]))
     if "textvqa" in cfg.tasks:
-        results["textvqa"] = evaluate_vqa(model, processor, files["vqa_json"], out_dir=out_dir / "textvqa",
-                                          image_root=files["vqa_image_root"], use_ocr=cfg.use_ocr, **common)
+        vqa = dict(image_root=files["vqa_image_root"], use_ocr=cfg.use_ocr, **common)
+        results["textvqa"] = evaluate_vqa(model, processor, files["vqa_json"], out_dir=out_dir / "textvqa", **vqa)
         log.info("VQA accuracy: %s on %d questions", _acc(results["textvqa"]["vqa_acc"]), results["textvqa"]["n"])
+        if cfg.text_only_baseline:
+            results["vqa_blank_image"] = evaluate_vqa(model, processor, files["vqa_json"], blank=True,
+                                                      out_dir=out_dir / "vqa_blank_image", **vqa)
+            log.info("VQA with a blank image (text-only baseline): %s", _acc(results["vqa_blank_image"]["vqa_acc"]))
     return results, samples
