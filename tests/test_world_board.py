@@ -108,6 +108,45 @@ def test_a_document_is_the_vicuna_conversation_with_the_board_for_the_image(enc)
     assert kept == [i for a, b, _ in answers_only.answers for i in range(a, b)]
 
 
+@pytest.fixture(scope="module")
+def world_enc():
+    from vlmablate.world.reader import world_tokenizer
+
+    return Encoder(world_tokenizer())
+
+
+def test_a_document_has_exactly_the_token_ids_stage_2_trains_on(world_enc):
+    """What the LM reads in pretraining is token for token what the runner feeds it later (a frozen LM
+    sees no new tokenization of "ASSISTANT:" or of the options), in every answer format."""
+    from transformers import LlavaProcessor
+
+    from vlmablate.data.templates import encode_conversation
+    from vlmablate.world.pretrain import build_image_processor
+    from vlmablate.world.reading import _turn
+    from vlmablate.world.scenes import render, sample_scene, scene_rng
+
+    enc = world_enc
+    processor = LlavaProcessor(image_processor=build_image_processor(64), tokenizer=enc.tokenizer, patch_size=16,
+                               vision_feature_select_strategy="default", chat_template=enc.tokenizer.chat_template,
+                               num_additional_image_tokens=1, image_token="<image>")
+    rng, compared = random.Random(0), 0
+    for i in range(20):
+        scene = sample_scene(scene_rng(0, "tokens", i))
+        turns = [t for fmt in ("short", "sentence", "choice")
+                 if (t := _turn(scene, rng.choice(language.CATEGORIES), fmt, rng, suffix=i % 2 == 0))]
+        doc = reading_document(scene, rng, enc, ReadingConfig(), turns=turns, system=True)
+        conversation = [m for k, (q, a, *_) in enumerate(turns)
+                        for m in ({"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a})]
+        encoded = encode_conversation(conversation, template="chat", processor=processor, image=render(scene),
+                                      max_length=1024, record_ref=f"doc {i}")
+        assert encoded["input_ids"].tolist() == doc.input_ids, f"document {i}"
+        # stage 2 learns the answers only; the reading documents also learn the questions
+        answers = [p for a, b, _ in doc.answers for p in range(a, b)]
+        assert [p for p, v in enumerate(encoded["labels"].tolist()) if v != IGNORE_INDEX] == answers
+        compared += 1
+    assert compared == 20
+
+
 def test_drawn_documents_follow_the_config(enc):
     cfg = ReadingConfig(kinds=("colour", "size"), qa_per_doc=(2, 2), system_share=0.0, suffix_share=1.0)
     rng = random.Random(1)

@@ -128,6 +128,26 @@ def test_the_readout_loss_scores_the_answer_through_the_lm_head_early(tokenizer)
     torch.testing.assert_close(readout_loss(model, hidden, [doc], (TINY.layers - 1,)), last, rtol=1e-4, atol=1e-4)
 
 
+def test_the_readout_of_all_tokens_scores_every_answer_token_but_descriptions(tokenizer):
+    from vlmablate.world.reader import readout_loss
+    from vlmablate.world.reading import ReadingDoc, Target
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(TINY, tokenizer))
+    ids = [5, 6, 7, 8, 9, 10, 11, 12, 13]
+    # answers: tokens 3-4 (a two-token answer), 6 (a description, not read out), 8 (one token)
+    doc = ReadingDoc(ids, [True] * 9, answers=[(3, 5, "position"), (6, 7, "describe"), (8, 9, "colour")],
+                     targets=[Target(asked=1, answer=2, cells=(0,), key=1, match=(0,))])
+    hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    logits = model.lm_head(model.model.norm(hidden[1][0]))
+    expected = F.cross_entropy(logits[[2, 3, 7]], torch.tensor([8, 9, 13]))
+    torch.testing.assert_close(readout_loss(model, hidden, [doc], (0,), tokens="all"), expected)
+    first = F.cross_entropy(logits[[2]], torch.tensor([8]))  # "first": the target's answer position only
+    torch.testing.assert_close(readout_loss(model, hidden, [doc], (0,), tokens="first"), first)
+    with pytest.raises(ValueError, match="readout_tokens is 'first' or 'all', not 'some'"):
+        ReaderConfig(readout_tokens="some")
+
+
 def test_supervision_must_name_layers_and_heads_the_lm_has():
     assert ReaderConfig().attend[-1] == "3.0:answer>cells" and ReaderConfig().readout_layers == (1, 2)
     ReaderConfig(layers=2)  # off by default: nothing to check

@@ -77,6 +77,9 @@ class ReaderConfig:
     # (weight `readout_loss`), so the layers that move the looked-up object carry its attributes.
     readout_loss: float = 0.0
     readout_layers: tuple[int, ...] = (1, 2)
+    # "first": only each answer's first token is read out early; "all": every token of every answer
+    # (and its </s>), so a two-word answer ("top left") has its second word taught there too.
+    readout_tokens: str = "first"
     eval_every: int = 100
     probe_per_kind: int = 50
 
@@ -87,6 +90,8 @@ class ReaderConfig:
                     if self.readout_loss and layer >= self.layers]
         if missing:
             raise ValueError(f"{missing} name layers or heads a {self.layers}-layer, {self.heads}-head LM lacks")
+        if self.readout_tokens not in ("first", "all"):
+            raise ValueError(f"readout_tokens is 'first' or 'all', not {self.readout_tokens!r}")
 
 
 def world_tokenizer(vocab_size: int = 768, n_scenes: int = 2000):
@@ -226,10 +231,16 @@ def attention_probe(model, board: BoardEmbedding, enc: Encoder, items: dict[str,
     return result
 
 
-def readout_loss(model, hidden_states, docs: list[ReadingDoc], layers: tuple[int, ...]) -> torch.Tensor:
-    """Cross-entropy of the answer's first token from the hidden state after each of `layers` (the LM head
-    applied early), at every supervised answer position of the batch."""
-    rows = [(i, t.answer, d.input_ids[t.answer + 1]) for i, d in enumerate(docs) for t in d.targets]
+def readout_loss(model, hidden_states, docs: list[ReadingDoc], layers: tuple[int, ...],
+                 tokens: str = "first") -> torch.Tensor:
+    """Cross-entropy of answer tokens from the hidden state after each of `layers` (the LM head applied
+    early): each supervised answer's first token (`tokens="first"`), or every token of every answer
+    about the board, its </s> included (`tokens="all"`)."""
+    if tokens == "first":
+        rows = [(i, t.answer, d.input_ids[t.answer + 1]) for i, d in enumerate(docs) for t in d.targets]
+    else:
+        rows = [(i, p - 1, d.input_ids[p]) for i, d in enumerate(docs) for a, b, kind in d.answers
+                if kind != "describe" for p in range(a, b)]
     if not rows or not layers:
         return hidden_states[0].new_zeros(())
     rows, positions, answers = (torch.tensor(x) for x in zip(*rows))
@@ -271,7 +282,8 @@ def train_reader(cfg: ReaderConfig, tokenizer, *, progress: bool = True, log=pri
                 attend.append(extra.detach())
                 total = total + cfg.attend_loss * extra.mean()
             if cfg.readout_loss:
-                total = total + cfg.readout_loss * readout_loss(model, out.hidden_states, docs, cfg.readout_layers)
+                total = total + cfg.readout_loss * readout_loss(model, out.hidden_states, docs, cfg.readout_layers,
+                                                             cfg.readout_tokens)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

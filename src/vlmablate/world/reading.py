@@ -143,7 +143,7 @@ def reading_document(scene: Scene, rng: random.Random, enc: Encoder, cfg: Readin
     for i, (question, answer, kind, *cells) in enumerate(turns):
         opening, begin = ("\n" if i == 0 else "USER: "), len(doc.input_ids)
         asked_ids = enc.encode(opening + question.split("\n")[0])  # the question without options or instruction
-        add(enc.encode(opening + question + " ") + enc.encode("ASSISTANT:"), cfg.loss == "all")
+        add(enc.encode(opening + question + " ASSISTANT:"), cfg.loss == "all")  # as the chat template renders it
         start = len(doc.input_ids)
         add((*enc.encode(" " + answer), tok.eos_token_id), True)
         doc.answers.append((start, len(doc.input_ids), kind))
@@ -206,21 +206,33 @@ def probe_items(enc: Encoder, kinds: tuple[str, ...], n_per_kind: int, seed: int
 def reading_probe(model, board: BoardEmbedding, enc: Encoder, items: dict[str, list[ReadingDoc]], *,
                   blank: bool = False, batch_size: int = 64) -> dict[str, float]:
     """Greedy exact-match accuracy per kind on `items` (from `probe_items`); `blank` reads empty boards."""
+    def logits(docs, ids, mask):
+        cells = torch.stack([enc.vocab.cells(None if blank else d.scene) for d in docs])
+        return model(inputs_embeds=embed_inputs(model, board, ids, cells, enc.image_token_id),
+                     attention_mask=mask).logits
+
     was_training = model.training
     model.eval()
+    try:
+        return score_answers(logits, enc, items, batch_size=batch_size)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def score_answers(logits_of, enc: Encoder, items: dict[str, list[ReadingDoc]], *,
+                  batch_size: int = 64) -> dict[str, float]:
+    """Per kind, the share of documents whose every answer token is the argmax of `logits_of(docs, input_ids,
+    attention_mask)` at the position before it (what greedy decoding would produce), in one forward."""
     scores = {}
     for kind, docs in items.items():
         correct = 0
         for start in range(0, len(docs), batch_size):
             chunk = docs[start: start + batch_size]
             ids, _, mask = collate(chunk, enc.tokenizer.pad_token_id)
-            cells = torch.stack([enc.vocab.cells(None if blank else d.scene) for d in chunk])
-            logits = model(inputs_embeds=embed_inputs(model, board, ids, cells, enc.image_token_id),
-                           attention_mask=mask).logits
-            predicted = logits.argmax(-1)
+            predicted = logits_of(chunk, ids, mask).argmax(-1)
             for row, d in enumerate(chunk):
                 (a, b, _), = d.answers
                 correct += bool((predicted[row, a - 1: b - 1] == ids[row, a:b]).all())
         scores[kind] = round(correct / len(docs), 4)
-    model.train(was_training)
     return scores
