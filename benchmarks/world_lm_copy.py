@@ -6,9 +6,10 @@ read the image tokens out of its context. This script measures the same ability 
 it feeds sequences of random tokens, each followed by an exact repeat, and prints the mean next-token
 loss on the first copy and on the second. An LM that copies scores far lower on the second.
 
-`--train-steps N` also pretrains a fresh LM of the same architecture as the world build does, on the
-world's corpus plus as many texts again of repeated word sequences (`--repeat-share`), for N steps,
-and scores it the same way: what it would cost the build to give the LM that ability.
+`--train-steps N` also pretrains a fresh LM of the world LM's shape as a plain text LM (captions and
+dialogues, no boards), with as many texts again of repeated word sequences (`--repeat-share`), for N
+steps, and scores it the same way: what plain text pretraining with copying in it buys, beside what the
+world's board-reading pretraining bought.
 
     python benchmarks/world_lm_copy.py [--train-steps 0] [--repeat-share 0.5] [--n 32] [--length 30] [override ...]
 
@@ -92,8 +93,11 @@ def main() -> None:
     if args.train_steps:
         texts, held_out = build.lm_texts(cfg.world, paths.data, tokenizer)
         n_repeat = round(len(texts) * args.repeat_share / (1 - args.repeat_share))
-        lm_cfg = build.lm_config(cfg.world)
-        # the build's recipe, only longer: enough epochs that the token budget, not the data, ends it
+        shape = LlamaForCausalLM.from_pretrained(paths.llm).config
+        lm_cfg = pretrain.LMPretrainConfig(hidden=shape.hidden_size, layers=shape.num_hidden_layers,
+                                           heads=shape.num_attention_heads, kv_heads=shape.num_key_value_heads,
+                                           intermediate=shape.intermediate_size)
+        # enough epochs that the token budget, not the data, ends it
         lm_cfg = dataclasses.replace(lm_cfg, epochs=1000,
                                      max_train_tokens=args.train_steps * lm_cfg.batch_size * lm_cfg.max_length)
         start = time.perf_counter()

@@ -1,5 +1,6 @@
-"""The tiny world's build: pretrained components that measurably learnt, one build per cache, rebuilds on
-a new generator version, and no half-built world after a failure."""
+"""The tiny world's build: components built once per recipe into the cache as plain HF folders that learnt,
+the same components for every `world.seed`, rebuilds on a new generator version, and no half-built
+components after a failure."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
+from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
 from vlmablate.config import ConfigError
-from vlmablate.world import build, pretrain
+from vlmablate.world import build, components, pretrain
 from vlmablate.world import data as world_data
 
 from conftest import compose_run
@@ -29,28 +32,41 @@ def built(world_cfg):
     return build.ensure_world(world_cfg, progress=False)
 
 
-def test_components_are_plain_hf_folders_that_learnt(built):
+def test_components_are_plain_hf_folders_that_learnt(world_cfg, built):
     meta = built.meta
-    vision = meta["vision"]["metrics"]
-    # Chance is 1/7 per cell (6 colours or empty); the test-size world trains for seconds only.
-    assert vision["colour_acc"] > 0.5 and vision["shape_acc"] > 0.5
-    lm = meta["lm"]["metrics"]
-    assert lm["ppl_after"] < 0.8 * lm["ppl_before"]
+    # Chance is 1/7 per cell (6 colours or empty); the test-size tower trains for seconds only.
+    assert meta["vision"]["colour_acc"] > 0.5 and meta["vision"]["shape_acc"] > 0.5
+    history = meta["lm"]["history"]
+    assert [h["step"] for h in history] == [20, 40]
+    assert history[1]["loss"] < 0.9 * history[0]["loss"]
+    assert set(meta["reading_probe"]) == {"image", "blank"}
+    assert list(meta["reading_probe"]["image"]) == list(meta["config"]["lm"]["reading"]["kinds"])
     assert isinstance(CLIPVisionModel.from_pretrained(built.vision), CLIPVisionModel)
     assert AutoImageProcessor.from_pretrained(built.vision).crop_size["height"] == 64
-    assert isinstance(LlamaForCausalLM.from_pretrained(built.llm), LlamaForCausalLM)
+    lm = LlamaForCausalLM.from_pretrained(built.llm)
+    assert (lm.config.hidden_size, lm.config.num_hidden_layers) == (64, 4)
     tokenizer = AutoTokenizer.from_pretrained(built.llm)
     assert "<image>" in tokenizer.get_vocab() and "USER:" in tokenizer.chat_template
-    assert meta["key"] == built.root.name
+    for weights in ("vision/model.safetensors", "llm/model.safetensors", "board.safetensors"):
+        assert (built.root / weights).is_file()
+    assert load_file(str(built.root / "board.safetensors"))["place"].shape == (16, 64)
+    assert meta["hash"] == built.root.name == components.config_hash(components.components_config(world_cfg))
 
 
 def test_second_call_reuses_the_cache(world_cfg, built, monkeypatch):
     def fail(*args, **kwargs):
-        raise AssertionError("pretraining ran again")
+        raise AssertionError("the components were built again")
 
-    monkeypatch.setattr(pretrain, "pretrain_vision", fail)
-    monkeypatch.setattr(pretrain, "pretrain_language_model", fail)
+    monkeypatch.setattr(components, "build_components", fail)
     assert build.ensure_world(world_cfg, progress=False).root == built.root
+
+
+def test_world_seed_changes_the_data_not_the_components(world_cfg, built):
+    other = build.ensure_world(replace(world_cfg, seed=7), progress=False)
+    assert other.root == built.root
+    assert other.data["caption_json"] != built.data["caption_json"]
+    captions = [json.loads(open(w.data["caption_json"]).read())[0]["conversations"][1]["value"] for w in (built, other)]
+    assert captions[0] != captions[1]
 
 
 class Stop(Exception):
@@ -59,7 +75,7 @@ class Stop(Exception):
 
 def test_new_generator_version_rebuilds_and_a_failed_build_leaves_nothing(world_cfg, built, monkeypatch):
     monkeypatch.setattr(world_data, "GENERATOR_VERSION", world_data.GENERATOR_VERSION + 100)
-    key = build.world_key(world_cfg)
+    key = components.config_hash(components.components_config(world_cfg))
     assert key != built.root.name
 
     def stop(*args, **kwargs):
@@ -67,20 +83,31 @@ def test_new_generator_version_rebuilds_and_a_failed_build_leaves_nothing(world_
 
     monkeypatch.setattr(pretrain, "pretrain_vision", stop)
     with pytest.raises(Stop):  # the new version is not in the cache, so it is built (and fails here)
-        build.ensure_world(world_cfg, progress=False)
+        components.ensure_components(world_cfg, progress=False)
     leftovers = [p.name for p in built.root.parent.iterdir() if p.name.startswith(key) and not p.name.endswith(".lock")]
     assert leftovers == []
 
 
-def test_unknown_pretraining_field_is_a_config_error(world_cfg):
-    from dataclasses import replace
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("vision", {"bogus": 1}, r"world.vision has no field\(s\) \['bogus'\]"),
+    ("lm", {"reading": {"kinds": ["colour", "bogus"]}}, r"world.lm.reading: bad reading config: kinds"),
+    ("lm", {"reading": {"bogus": 1}}, r"world.lm.reading has no field\(s\) \['bogus'\]"),
+    ("lm", {"layers": 2}, r"world.lm: .*name layers or heads a 2-layer, 6-head LM lacks"),
+])
+def test_bad_component_fields_are_config_errors(world_cfg, field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        components.components_config(replace(world_cfg, **{field: value}))
 
-    with pytest.raises(ConfigError, match=r"world.vision has no field\(s\) \['bogus'\]"):
-        build.world_key(replace(world_cfg, vision={"bogus": 1}))
+
+def test_shipped_components_take_no_overrides(world_cfg):
+    with pytest.raises(ConfigError, match="need world.components=build"):
+        components.ensure_components(replace(world_cfg, components="shipped"))
+    with pytest.raises(ConfigError, match="world.components is 'shipped' or 'build', not 'bogus'"):
+        components.ensure_components(replace(world_cfg, components="bogus"))
 
 
 @pytest.mark.slow
-def test_two_processes_starting_at_once_build_the_world_once(tmp_path):
+def test_two_processes_starting_at_once_build_the_components_once(tmp_path):
     script = textwrap.dedent("""
         import json, sys
         sys.path.insert(0, sys.argv[1])
@@ -96,6 +123,6 @@ def test_two_processes_starting_at_once_build_the_world_once(tmp_path):
     roots = [json.loads(p.communicate()[0].strip().splitlines()[-1])["root"] for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert roots[0] == roots[1]
-    meta = json.loads((tmp_path / "cache" / "world" / os.path.basename(roots[0]) / "meta.json").read_text())
+    meta = json.loads((tmp_path / "cache" / "components" / os.path.basename(roots[0]) / "meta.json").read_text())
     assert meta["built_by_pid"] in {p.pid for p in procs}
-    assert not [p for p in (tmp_path / "cache" / "world").iterdir() if ".tmp" in p.name]
+    assert not [p for p in (tmp_path / "cache" / "components").iterdir() if ".tmp" in p.name]

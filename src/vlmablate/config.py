@@ -39,10 +39,13 @@ class TinyModelConfig:
 
 @dataclass
 class WorldConfig:
-    """The embedded tiny world: its seed, data sizes and the pretraining of its two components.
+    """The embedded tiny world: its seed and data sizes, and which components it runs on.
 
-    `vision` and `lm` override fields of `world.pretrain.VisionPretrainConfig` / `LMPretrainConfig`
-    (checked against them when the world is built).
+    `components`: "shipped" (the pretrained vision tower and LM inside the package) or "build" (the
+    same recipe built into the cache, once per config hash). With "build", `vision` and `lm` override
+    fields of `world.pretrain.VisionPretrainConfig` / `world.reader.ReaderConfig` (`lm.reading.*` for
+    the reading documents, `lm.vocab_size` for the tokenizer). `seed` varies the data, never the
+    components.
     """
 
     name: str = MISSING
@@ -52,7 +55,7 @@ class WorldConfig:
     n_bench: int = 300
     n_vqa: int = 200
     image_size: int = 64
-    vocab_size: int = 768
+    components: str = "shipped"
     vision: dict[str, Any] = field(default_factory=dict)
     lm: dict[str, Any] = field(default_factory=dict)
     cache_dir: Optional[str] = None
@@ -269,7 +272,7 @@ class EvalConfig:
     vqa_json: Optional[str] = None  # a TextVQA-layout JSON; null = the tiny world's open-ended set
     vqa_image_root: Optional[str] = None
     use_ocr: bool = True
-    text_only_baseline: bool = False  # also score MMBench with a blank image
+    text_only_baseline: bool = False  # also score MMBench and VQA with a blank image
     batch_size: int = 16
     max_new_tokens: int = 8
     max_questions: Optional[int] = None

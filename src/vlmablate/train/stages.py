@@ -75,7 +75,12 @@ def ensure_stage1(overrides: list[str], stage1_data: str, cache_root: Path) -> d
 
     align_overrides = stage1_overrides(overrides, stage1_data)
     cfg, composed = compose_config(align_overrides)
-    key = config_hash(learning_config(composed))
+    material = learning_config(composed)
+    if cfg.model.source == "tiny_world":  # the weights the projector aligns to, not only the words that name them
+        from vlmablate.world.components import components_hash
+
+        material["world_components"] = components_hash(cfg.world)
+    key = config_hash(material)
     run_dir = cache_root / "stage1" / f"{cfg.model.name}-{cfg.projector.type}-{key}"
     projector = run_dir / "final" / "projector"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
