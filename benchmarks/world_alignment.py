@@ -11,7 +11,8 @@ transcript and from an empty board:
   per kind: from the image, from the transcript, and from the image of an empty board;
 - where the projected patches land: for each object cell, the nearest of the 121 vectors a cell at that
   place can be in the LM's embedding space (every size x colour x shape x fill, or empty), and how often
-  each attribute of it is the object's own.
+  each attribute of it is the object's own; and `place`: how often, of the object's own cell vector at
+  each of the 16 places, the one at its true place is the nearest.
 
     python benchmarks/world_alignment.py [--captions 200] [--per-kind 50] [override ...]
 
@@ -76,16 +77,21 @@ class Views:
         words = torch.tensor([[self.enc.vocab.ids[w] for w in combo] for combo in combos] + [[EMPTY] * 4])
         embed = self.lm.get_input_embeddings()
         projected = torch.stack(self.llava.model.get_image_features(pixel_values=self.pixels(scenes)).pooler_output)
-        hits = {a: 0 for a in ("cell", *ATTRIBUTES)}
+        # every candidate at every place: entry [p, c] is candidate c at place p
+        cells = torch.full((N_CELLS, len(words), N_CELLS, 4), EMPTY, dtype=torch.long)
+        for p in range(N_CELLS):
+            cells[p, :, p] = words
+        everywhere = torch.stack([self.board(embed, cells[p])[:, p] for p in range(N_CELLS)])
+        hits = {a: 0 for a in ("cell", *ATTRIBUTES, "place")}
         n = 0
         for scene, patches in zip(scenes, projected):
             for o in scene.objects:
                 place = o.row * 4 + o.col
-                # every candidate sits at the object's place: row `place` of a board filled with it
-                cells = torch.full((len(words), N_CELLS, 4), EMPTY, dtype=torch.long)
-                cells[:, place] = words
-                candidates = self.board(embed, cells)[:, place]
+                candidates = everywhere[place]  # the object's place: which cell vector is it?
                 best = torch.cdist(patches[place][None].float(), candidates.float())[0].argmin().item()
+                # among every place's vectors of the object's own cell: is its place the nearest?
+                own = everywhere[:, combos.index(tuple(getattr(o, a) for a in ATTRIBUTES))]
+                hits["place"] += torch.cdist(patches[place][None].float(), own.float())[0].argmin().item() == place
                 guess = combos[best] if best < len(combos) else (None,) * 4
                 truth = tuple(getattr(o, a) for a in ATTRIBUTES)
                 hits["cell"] += guess == truth

@@ -7,14 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import compose_run, load_benchmark
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from vlmablate.world.build import ensure_world
 from vlmablate.world.components import load_board
 from vlmablate.world.reading import Encoder, probe_items, reading_probe, score_answers
 from vlmablate.world.scenes import Obj, Scene
-
-from conftest import compose_run, load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +35,22 @@ def test_nearest_cells_are_exact_when_the_projector_returns_the_transcript(parts
         get_image_features=lambda pixel_values: SimpleNamespace(pooler_output=list(transcript))))
     views = alignment.Views(fake, SimpleNamespace(image_processor=lambda images, return_tensors: {
         "pixel_values": torch.zeros(len(images))}), lm, board, enc)
-    assert views.nearest_cells(scenes) == {"cell": 1.0, "size": 1.0, "colour": 1.0, "shape": 1.0, "fill": 1.0}
+    assert views.nearest_cells(scenes) == {"cell": 1.0, "size": 1.0, "colour": 1.0, "shape": 1.0, "fill": 1.0,
+                                             "place": 1.0}
     # Swapping the two objects' patches: the second scene's cross lands where nothing matches its place.
     fake.model.get_image_features = lambda pixel_values: SimpleNamespace(pooler_output=list(transcript.flip(0)))
     assert views.nearest_cells(scenes)["cell"] < 1.0
+    # Each object's patch is its cell vector at the next place: the right objects, at the wrong places.
+    moved = [Scene(tuple(Obj(o.shape, o.colour, o.size, o.fill, o.row, (o.col + 1) % 4) for o in s.objects))
+             for s in scenes]
+    with torch.no_grad():
+        elsewhere = board(lm.get_input_embeddings(), torch.stack([enc.vocab.cells(s) for s in moved]))
+    patches = transcript.clone()
+    for i, scene in enumerate(scenes):
+        for o in scene.objects:
+            patches[i, o.row * 4 + o.col] = elsewhere[i, o.row * 4 + (o.col + 1) % 4]
+    fake.model.get_image_features = lambda pixel_values: SimpleNamespace(pooler_output=list(patches))
+    assert views.nearest_cells(scenes)["place"] == 0.0
 
 
 def test_the_transcript_view_is_the_reading_probe(parts):

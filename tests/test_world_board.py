@@ -136,7 +136,8 @@ def test_a_document_has_exactly_the_token_ids_stage_2_trains_on(world_enc):
                  if (t := _turn(scene, rng.choice(language.CATEGORIES), fmt, rng, suffix=i % 2 == 0))]
         doc = reading_document(scene, rng, enc, ReadingConfig(), turns=turns, system=True)
         conversation = [m for k, (q, a, *_) in enumerate(turns)
-                        for m in ({"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a})]
+                        for m in ({"from": "human", "value": ("<image>\n" if k == 0 else "") + q},
+                                  {"from": "gpt", "value": a})]
         encoded = encode_conversation(conversation, template="chat", processor=processor, image=render(scene),
                                       max_length=1024, record_ref=f"doc {i}")
         assert encoded["input_ids"].tolist() == doc.input_ids, f"document {i}"

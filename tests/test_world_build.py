@@ -12,14 +12,13 @@ import textwrap
 from dataclasses import replace
 
 import pytest
+from conftest import compose_run
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
 from vlmablate.config import ConfigError
 from vlmablate.world import build, components, pretrain
 from vlmablate.world import data as world_data
-
-from conftest import compose_run
 
 
 @pytest.fixture(scope="module")

@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
     for item in args.sets:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set wants FIELD=VALUE (vision.F, lm.F, lm.reading.F or a top-level field), got {item!r}")
+            raise SystemExit("--set wants FIELD=VALUE (vision.F, lm.F, lm.reading.F or a top-level field), "
+                             f"got {item!r}")
         *parents, leaf = key.split(".")
         where = overrides
         for p in parents:
