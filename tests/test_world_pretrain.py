@@ -66,6 +66,17 @@ def test_vision_learns_colour_and_shape(vision):
     assert 0.5 <= metrics["size_probe_acc"] <= 1 and 0.5 <= metrics["fill_probe_acc"] <= 1  # two classes each
 
 
+def test_a_place_head_keeps_where_an_object_is(vision):
+    """Without the place head an object's patch loses its cell; with it a linear probe reads the cell back."""
+    import dataclasses
+
+    _, _, without = vision
+    _, _, with_place = pretrain_vision(dataclasses.replace(VISION, place_loss=1.0), world_seed=0, progress=False)
+    assert without["place_probe_acc"] < 0.5  # chance is 1/16
+    assert with_place["place_probe_acc"] > 0.9
+    assert with_place["colour_acc"] > 0.95 and with_place["shape_acc"] > 0.9
+
+
 def test_vision_is_deterministic(vision):
     again, _, metrics = pretrain_vision(VISION, world_seed=0, progress=False)
     assert _same_weights(vision[0], again)
