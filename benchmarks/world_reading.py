@@ -16,7 +16,6 @@ tuple of strings.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import sys
@@ -24,15 +23,9 @@ import time
 
 import torch
 
+from vlmablate.world.components import parse_value
 from vlmablate.world.reader import ReaderConfig, train_reader, world_tokenizer
 from vlmablate.world.reading import ReadingConfig
-
-
-def parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return tuple(text.split(",")) if "," in text else text
 
 
 def apply_sets(cfg: ReaderConfig, sets: list[str]) -> ReaderConfig:

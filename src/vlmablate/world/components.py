@@ -26,6 +26,7 @@ Layout of a components folder:
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import hashlib
 import json
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         where = overrides
         for p in parents:
             where = where.setdefault(p, {})
-        where[leaf] = _parse_value(value)
+        where[leaf] = parse_value(value)
     cfg = _replace(shipped_config(), overrides, "--set")
     out = Path(args.out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -255,9 +256,9 @@ def main(argv: list[str] | None = None) -> dict:
     return meta
 
 
-def _parse_value(text: str):
-    import ast
-
+def parse_value(text: str):
+    """A `--set` value: a Python literal where it is one (`3`, `1e-3`, `(3, 5)`), a comma list as a tuple of
+    strings, else the text itself."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
