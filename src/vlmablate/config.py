@@ -183,6 +183,9 @@ class DataConfig:
     on_bad_sample: str = "error"
     max_bad_fraction: float = 0.01
     verify_images: bool = False  # also check every image file's integrity in the scan (vlmablate.data.check does)
+    # Records in one epoch of the mix as published, read by `python -m vlmablate.plan` for its time per epoch
+    # (null: unknown, the plan gives the time per 1M tokens only). Training counts the data itself.
+    size: Optional[int] = None
 
 
 @dataclass
@@ -252,6 +255,9 @@ class TrainConfig:
     deterministic: bool = False
     # Record which records each optimizer step trained on (all ranks) in data_order.json.
     record_data_order: bool = False
+    # The device's peak TFLOP/s for train.mfu (per device); null: the GPU table (bf16 dense, train/mfu.py), or a
+    # measured fp32 matmul rate on the CPU. An unknown GPU without it leaves mfu null.
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -302,11 +308,13 @@ class CellConfig:
 
 @dataclass
 class PlanConfig:
-    """`python -m vlmablate.plan`: the GPU to fit, and the sequence length of the memory estimate."""
+    """`python -m vlmablate.plan`: the GPU to fit, and the sequence length of the memory and FLOPs estimates."""
 
     gpu_gb: float = 24.0  # an RTX 4090
     seq_len: Optional[int] = None  # null: model.max_length (the worst case)
     grid: bool = True  # also plan the seed's four freeze cells
+    gpu: str = "rtx4090"  # the GPU of the time estimate: a key of train/mfu.py's GPU_PEAKS (its bf16 dense peak)
+    mfu: float = 0.35  # the model FLOPs utilisation the time estimate assumes
 
 
 @dataclass

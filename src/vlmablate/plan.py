@@ -17,6 +17,12 @@ per-component table is counted the same way. Then peak GPU memory is estimated t
 
 The sequence length is `plan.seq_len` (null: `model.max_length`, the worst case) at the preset's
 per-device batch. Besides the chosen cell, the four cells of the seed's freeze grid are listed.
+
+Compute: the training FLOPs per token of each cell (`model.flops.flops_from_config`: forward, activation
+and weight gradients, attention), for a sample of that same sequence length carrying one image (LlavaNext:
+its largest anyres grid, the base image plus every tile). At `plan.mfu` of `plan.gpu`'s bf16 dense peak
+(`train.mfu.GPU_PEAKS`) that gives tokens/s, the time per 1M tokens and, where the data config declares its
+`size`, the time per epoch with every sample that long (at `model.max_length`, an upper bound).
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from vlmablate.config import ConfigError, ModelConfig, RunConfig, register_configs, to_run_config, validate
+from vlmablate.model.flops import flops_from_config
 from vlmablate.model.plan import COMPONENTS, apply_plan, parameter_table, resolve_plan, unwrap
+from vlmablate.train.mfu import GPU_PEAKS
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -213,6 +221,62 @@ def estimate_memory(cfg: RunConfig, table: dict, config) -> dict:
     return gib
 
 
+# --- compute ----------------------------------------------------------------------------------------------
+
+
+def largest_image_crops(config) -> int:
+    """Crops of one image through the tower: LlavaNext's largest anyres grid plus the base image; Llava's one."""
+    if config.model_type != "llava_next":
+        return 1
+    tile = config.vision_config.image_size
+    return 1 + max(h // tile * (w // tile) for h, w in config.image_grid_pinpoints)
+
+
+def estimate_compute(cfg: RunConfig, config) -> dict:
+    """Training FLOPs per token of the cell, and the time they take on `plan.gpu` at `plan.mfu`."""
+    if cfg.plan.gpu not in GPU_PEAKS:
+        raise ConfigError(f"plan.gpu={cfg.plan.gpu!r} is not one of {', '.join(GPU_PEAKS)}")
+    if not 0 < cfg.plan.mfu <= 1:
+        raise ConfigError(f"plan.mfu={cfg.plan.mfu} must lie in (0, 1]")
+    plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage, lr_scale=cfg.train.lr_scale)
+    seq, crops = cfg.plan.seq_len or cfg.model.max_length, largest_image_crops(config)
+    per_token = flops_from_config(config, plan, seq_len=seq, crops=crops).per_token()
+    gpu = GPU_PEAKS[cfg.plan.gpu]
+    tokens_per_s = gpu.tflops * 1e12 * cfg.plan.mfu / per_token["total"].total
+    samples = cfg.data.size
+    return {"flops_per_token": per_token["total"].total,
+            "by_component": {c: per_token[c].total for c in COMPONENTS},
+            "seq_len": seq, "seq_len_from": "plan.seq_len" if cfg.plan.seq_len else "model.max_length",
+            "crops": crops, "gpu": gpu.label, "peak_tflops": gpu.tflops, "mfu": cfg.plan.mfu,
+            "tokens_per_s": tokens_per_s, "seconds_per_1m_tokens": 1e6 / tokens_per_s,
+            "data": cfg.data.name, "samples": samples,
+            "epoch_seconds": samples * seq / tokens_per_s if samples else None}
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def format_compute(compute: dict) -> str:
+    c = compute
+    parts = ", ".join(f"{k} {v:.3g}" for k, v in c["by_component"].items())
+    length = f"{c['seq_len']} tokens ({c['seq_len_from']}" + (": the worst case; plan.seq_len=N plans N)"
+                                                               if c["seq_len_from"] == "model.max_length" else ")")
+    lines = [f"training FLOPs per token ≈ {c['flops_per_token']:.4g} ({parts}), assuming every sample is {length} "
+             f"with one image of {c['crops']} crop(s)",
+             f"on {c['gpu']} ({c['peak_tflops']:g} TFLOP/s bf16 dense) at MFU {c['mfu']:g} (plan.mfu): "
+             f"{c['tokens_per_s']:,.0f} tokens/s, {_duration(c['seconds_per_1m_tokens'])} per 1M tokens"]
+    if c["epoch_seconds"] is not None:
+        lines.append(f"one epoch of data={c['data']} ({c['samples']:,} samples × {c['seq_len']} tokens) ≈ "
+                     f"{_duration(c['epoch_seconds'])}")
+    else:
+        lines.append(f"data={c['data']} declares no size (data.size): no time per epoch, only per 1M tokens")
+    return "\n".join(lines)
+
+
 # --- the command ------------------------------------------------------------------------------------------
 
 
@@ -220,7 +284,8 @@ def plan_cell(cfg: RunConfig) -> dict:
     validate(replace(cfg, eval=replace(cfg.eval, tasks=[])))  # the cell's rules; evaluation is not planned
     table, config = count_cell(cfg)
     return {"vision": cfg.vision.policy, "freeze": cfg.freeze.name, "quant": cfg.quant.mode, "params": table,
-            "memory_gib": estimate_memory(cfg, table, config), "model_type": config.model_type}
+            "memory_gib": estimate_memory(cfg, table, config), "model_type": config.model_type,
+            "compute": estimate_compute(cfg, config)}
 
 
 def grid_cells(cfg: RunConfig, compose) -> list[tuple[str, dict | str]]:
@@ -255,16 +320,25 @@ def format_plan(result: dict, gpu_gb: float) -> str:
 
 
 def format_grid(cells: list[tuple[str, dict | str]], gpu_gb: float) -> str:
-    header = f"{'cell':<28} {'quant':<6} {'trainable':>15} {'% of total':>10} {'peak GiB':>9}  fits {gpu_gb:g} GiB"
+    computed = next((c["compute"] for _, c in cells if isinstance(c, dict)), None)
+    per_epoch = computed is not None and computed["epoch_seconds"] is not None
+    time_header = "epoch" if per_epoch else "per 1M tok"
+    header = (f"{'cell':<28} {'quant':<6} {'trainable':>15} {'% of total':>10} {'peak GiB':>9}  fits {gpu_gb:g} GiB"
+              f" {'FLOPs/token':>12} {time_header:>10}")
     lines = [header, "-" * len(header)]
     for name, cell in cells:
         if isinstance(cell, str):
             lines.append(f"{name:<28} invalid: {cell}")
             continue
-        p, mem = cell["params"], cell["memory_gib"]
+        p, mem, c = cell["params"], cell["memory_gib"], cell["compute"]
         share = 100 * p["trainable"]["total"] / max(1, p["total"])
+        time = _duration(c["epoch_seconds"] if per_epoch else c["seconds_per_1m_tokens"])
         lines.append(f"{name:<28} {cell['quant']:<6} {p['trainable']['total']:>15,} {share:>9.2f}% "
-                     f"{mem['total']:>9.1f}  {'yes' if mem['fits'] else 'NO'}")
+                     f"{mem['total']:>9.1f}  {'yes' if mem['fits'] else 'NO':<{len(f'fits {gpu_gb:g} GiB')}} "
+                     f"{c['flops_per_token']:>12.4g} {time:>10}")
+    if computed is not None:
+        lines.append(f"(FLOPs and time as above: {computed['seq_len']} tokens and {computed['crops']} crop(s) a "
+                     f"sample, {computed['gpu']} at MFU {computed['mfu']:g})")
     return "\n".join(lines)
 
 
@@ -284,6 +358,7 @@ def main(cfg: DictConfig) -> None:
     print(f"plan: model={run_cfg.model.name} vision={run_cfg.vision.policy} freeze={run_cfg.freeze.name} "
           f"quant={run_cfg.quant.mode} train={run_cfg.train.name}")
     print(format_plan(result, run_cfg.plan.gpu_gb))
+    print(format_compute(result["compute"]))
     cells = grid_cells(run_cfg, compose) if run_cfg.plan.grid else []
     if cells:
         print(f"\nthe seed's freeze grid on {run_cfg.model.name} (train={run_cfg.train.name}):")

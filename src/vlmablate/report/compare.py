@@ -6,7 +6,8 @@ runs of a cell differ only in their seed. For each cell:
 - trainable parameters (and % of total) and the stage-1 artifact it started from;
 - MMBench CircularEval accuracy: the mean over seeds, with a 95% bootstrap interval that resamples
   (seed, question) pairs, so it covers both the seed-to-seed and the question-to-question spread;
-- VQA accuracy, wall-clock, peak memory and tokens/s, as means over seeds;
+- VQA accuracy, wall-clock, peak memory, tokens/s, training FLOPs per token, achieved TFLOP/s and MFU
+  (model FLOPs utilisation against the device's peak, `train/mfu.py`), as means over seeds;
 - how many seeds completed, and which failed.
 
 A paired test compares every two cells on the same questions and seeds: the difference of their
@@ -28,8 +29,8 @@ from vlmablate.eval.metrics import bootstrap_ci, paired_difference
 
 CSV_COLUMNS = ("cell", "label", "vision", "freeze", "quant", "status", "seeds", "failed_seeds", "trainable_params",
                "trainable_pct", "total_params", "mmbench_circular", "mmbench_ci_low", "mmbench_ci_high",
-               "mmbench_vanilla", "vqa_acc", "wall_clock_s", "peak_mem_mb", "tokens_per_s", "final_loss",
-               "stage1_artifact")
+               "mmbench_vanilla", "vqa_acc", "wall_clock_s", "peak_mem_mb", "tokens_per_s", "flops_per_token",
+               "tflops", "mfu", "final_loss", "stage1_artifact")
 
 
 def find_runs(sweep_dir: Path) -> list[Path]:
@@ -117,9 +118,8 @@ def summarize(cell: dict, *, n_boot: int = 1000) -> dict:
     row["mmbench_vanilla"] = _mean(e.get("mmbench", {}).get("vanilla_acc") for e in evals)
     row["vqa_acc"] = _mean(e.get("textvqa", {}).get("vqa_acc") for e in evals)
     trains = [r["summary"].get("train", {}) for r in done]
-    for key, out in (("wall_clock_s", "wall_clock_s"), ("peak_mem_mb", "peak_mem_mb"), ("tokens_per_s", "tokens_per_s"),
-                     ("final_loss", "final_loss")):
-        row[out] = _mean(t.get(key) for t in trains)
+    for key in ("wall_clock_s", "peak_mem_mb", "tokens_per_s", "flops_per_token", "tflops", "mfu", "final_loss"):
+        row[key] = _mean(t.get(key) for t in trains)
     stage1 = {((r["summary"].get("lineage") or {}).get("stage1") or {}).get("hash") for r in done} - {None}
     row["stage1_artifact"] = ";".join(sorted(stage1))
     return row
@@ -160,6 +160,11 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _sci(value) -> str:
+    """Three significant digits: FLOPs per token run to 1e10, a CPU run's MFU to 1e-4."""
+    return "-" if value is None else f"{value:.3g}"
+
+
 def _params(n) -> str:
     if n is None:
         return "-"
@@ -171,15 +176,16 @@ def _params(n) -> str:
 
 def to_markdown(rows: list[dict], tests: list[dict]) -> str:
     lines = ["| Config | Trainable params | MM-Bench circular (95% CI) | Wall-clock (s) | % trainable | VQA acc | "
-             "vanilla | peak mem (MB) | tokens/s | seeds | status | stage-1 artifact |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "vanilla | peak mem (MB) | tokens/s | FLOPs/token | TFLOP/s | MFU | seeds | status | stage-1 artifact |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = "-" if r.get("mmbench_circular") is None else \
             f"{r['mmbench_circular']:.3f} ({_fmt(r.get('mmbench_ci_low'))}-{_fmt(r.get('mmbench_ci_high'))})"
         status = r["status"] + (f" (failed seeds {r['failed_seeds']})" if r.get("failed_seeds") else "")
         cols = [r["label"], _params(r.get("trainable_params")), acc, _fmt(r.get("wall_clock_s"), 1),
                 _fmt(r.get("trainable_pct"), 2), _fmt(r.get("vqa_acc")), _fmt(r.get("mmbench_vanilla")),
-                _fmt(r.get("peak_mem_mb"), 0), _fmt(r.get("tokens_per_s"), 0), str(r["seeds"]), status,
+                _fmt(r.get("peak_mem_mb"), 0), _fmt(r.get("tokens_per_s"), 0), _sci(r.get("flops_per_token")),
+                _sci(r.get("tflops")), _sci(r.get("mfu")), str(r["seeds"]), status,
                 r.get("stage1_artifact") or "-"]
         lines.append("| " + " | ".join(cols) + " |")
     if tests:

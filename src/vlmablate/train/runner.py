@@ -43,6 +43,7 @@ from vlmablate.train import distributed as dist
 from vlmablate.train.artifacts import export_merged, write_json_atomic
 from vlmablate.train.audit import GradientAudit
 from vlmablate.train.checkpoints import resolve_resume
+from vlmablate.train.mfu import Peak, device_peak, mfu_report, model_shapes
 from vlmablate.train.stages import ensure_stage1, learning_config
 from vlmablate.train.trainer import VlmTrainer
 from vlmablate.world.build import ensure_world
@@ -233,6 +234,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
         set_seed(cfg.train.seed)
         model, processor, lineage = load_cell_model(cfg, model_cfg, plan, projector_path)
         lineage["stage1"] = stage1
+        flop_shapes, no_flops = model_shapes(model)  # before Trainer hands the model to DDP / DeepSpeed / FSDP
         table = parameter_table(model, plan)
         log.info("freeze plan (stage=%s, quant=%s):\n%s", cfg.stage.name, cfg.quant.mode, format_table(table, plan))
         summary.update(params=table, plan=plan.to_dict(), lineage=lineage)
@@ -282,6 +284,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
             # DeepSpeed and FSDP keep gradients in their own partitions: `p.grad` tells nothing there.
             audit = GradientAudit(step_had_images=lambda: trainer.timer.images_in_step > 0)
             trainer.add_callback(audit)
+        peak = device_peak(cfg.train.peak_tflops, args.device, cache_root(cfg.data.cache_dir)) if main else None
         start = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         wall = time.perf_counter() - start
@@ -292,7 +295,8 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
             raise Interrupted(f"stopped by SIGTERM at step {step}; checkpoint {args.output_dir}/checkpoint-{step} "
                               "is complete: run again with train.resume=auto to continue")
 
-        summary["train"] = _train_summary(trainer, output.metrics, wall)
+        summary["train"] = _train_summary(trainer, output.metrics, wall, flop_shapes=flop_shapes, peak=peak,
+                                          no_flops=no_flops)
         summary["train"]["resumed_from"] = str(resume) if resume else None
         summary["train"]["gradient_audit"] = audit.report if audit else {
             "skipped": "DeepSpeed / FSDP hold gradients in their own partitions"}
@@ -400,13 +404,20 @@ def completed_summary(run_dir: Path, digest: str | None) -> dict | None:
     return summary if summary.get("status") == "completed" and summary.get("config_hash") == digest else None
 
 
-def _train_summary(trainer: VlmTrainer, metrics: dict, wall: float) -> dict:
-    """What training did, summed over the ranks (each counts its own micro-batches)."""
+def _train_summary(trainer: VlmTrainer, metrics: dict, wall: float, *, flop_shapes=None, peak: Peak | None = None,
+                   no_flops: str | None = None) -> dict:
+    """What training did, summed over the ranks (each counts its own micro-batches).
+
+    Rates (tokens/s, TFLOP/s) divide what this train() call trained by its training time: after a resume,
+    the tokens of the earlier attempts are in `tokens` but not in the rate.
+    """
     curve = [[e["step"], round(e["loss"], 5)] for e in trainer.state.log_history if "loss" in e]
     losses = [loss for _, loss in curve]
     training_s = trainer.timer.seconds or wall
     parts = dist.gather(trainer.progress())
     tokens, padded = sum(p["real_tokens"] for p in parts), sum(p["padded_tokens"] for p in parts)
+    trained_now = tokens - sum(dist.gather(trainer.resumed_tokens))
+    shapes = sum(dist.gather(trainer.sample_shapes), Counter())
     bad_records = {ref: reason for p in parts for ref, reason in p["bad_records"].items()}  # a record once
     steps = trainer.state.global_step
     return {
@@ -414,7 +425,9 @@ def _train_summary(trainer: VlmTrainer, metrics: dict, wall: float) -> dict:
         "wall_clock_s": round(wall, 3),  # the whole trainer.train() call, set-up and checkpoints included
         "setup_s": round(wall - training_s, 3),  # Trainer's one-time loader / optimizer / accelerator set-up
         "tokens": tokens,
-        "tokens_per_s": round(tokens / training_s, 2) if training_s > 0 else 0.0,
+        "tokens_per_s": round(trained_now / training_s, 2) if training_s > 0 else 0.0,
+        # model FLOPs per real token, achieved TFLOP/s, the device's peak and their ratio (train/mfu.py)
+        **mfu_report(flop_shapes, shapes, training_s, peak, dist.world_size(), why_not=no_flops),
         "padding_efficiency": round(tokens / padded, 4) if padded else None,
         "peak_mem_mb": round(peak_memory_mb(), 1),
         "first_loss": losses[0] if losses else None,
@@ -461,8 +474,9 @@ def run_from_hydra(cfg: DictConfig) -> float | None:
     plan = resolve_plan(run_cfg.vision, run_cfg.projector, run_cfg.freeze, run_cfg.quant, run_cfg.stage,
                         lr_scale=run_cfg.train.lr_scale)
     log.info("what trained:\n%s", format_table(summary["params"], plan))
-    log.info("done: %d steps in %.1f s, loss %.3f -> %.3f, %.0f tokens/s", train["steps"], train["wall_clock_s"],
-             train["first_loss"], train["final_loss"], train["tokens_per_s"])
+    log.info("done: %d steps in %.1f s, loss %.3f -> %.3f, %.0f tokens/s, %s TFLOP/s, MFU %s", train["steps"],
+             train["wall_clock_s"], train["first_loss"], train["final_loss"], train["tokens_per_s"], train["tflops"],
+             train["mfu"])
     if mmbench:
         log.info("MMBench-style %s accuracy: circular %.3f (95%% CI %.3f-%.3f), vanilla %.3f", mmbench["mode"],
                  mmbench["circular_acc"], *mmbench["circular_ci"], mmbench["vanilla_acc"])

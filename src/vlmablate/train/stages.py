@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 _CELL_KEYS = ("stage", "freeze", "vision", "cell", "data", "eval", "model.pretrained_projector", "hydra",
               "train.seed")
 # Settings that do not change what a run learns, left out of its hash (a sweep run again with resume
-# on, or with W&B, still finds its finished cells).
-_UNHASHED = ("logger", "train.progress", "train.resume", "train.checkpoint_on_sigterm", "train.record_data_order")
+# on, or with W&B, still finds its finished cells). The MFU peak and the plan command's GPU, MFU and data
+# size came later: left out, they also keep the hashes (stage-1 caches, finished cells) made before them.
+_UNHASHED = ("logger", "train.progress", "train.resume", "train.checkpoint_on_sigterm", "train.record_data_order",
+             "train.peak_tflops", "data.size", "plan.gpu", "plan.mfu")
 
 
 def compose_config(overrides: list[str]):

@@ -10,6 +10,7 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,10 +22,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from vlmablate.data.errors import BadRecordTally, DataError
 from vlmablate.data.sampler import RankBatchSampler
 from vlmablate.data.templates import IGNORE_INDEX
-from vlmablate.model.plan import FreezePlan
+from vlmablate.model.plan import FreezePlan, unwrap
 from vlmablate.train import checkpoints
 from vlmablate.train import distributed as dist
 from vlmablate.train.artifacts import load_artifacts, save_artifacts
+from vlmablate.train.mfu import sample_shapes
 from vlmablate.train.optim import parameter_groups
 
 log = logging.getLogger(__name__)
@@ -164,6 +166,10 @@ class VlmTrainer(Trainer):
         self.padded_tokens = 0
         self.fully_masked_samples = 0
         self.samples_seen = 0
+        # (real tokens, image crops) -> samples trained in this train() call: the FLOPs count (train/mfu.py)
+        self.sample_shapes: Counter = Counter()
+        self.resumed_tokens = 0  # real_tokens a resumed run starts from (trained by an earlier attempt)
+        self._model_config = unwrap(self.model).config
 
     # --- sampling ----------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -209,7 +215,9 @@ class VlmTrainer(Trainer):
             if self.data_order is not None and indices is not None:
                 self.data_order.setdefault(self.state.global_step + 1, []).extend(indices)
             labels = inputs["labels"]
-            self.real_tokens += int(inputs["attention_mask"].sum())
+            shapes = sample_shapes(inputs, self._model_config)
+            self.sample_shapes.update(shapes)
+            self.real_tokens += sum(length for length, _ in shapes)
             self.padded_tokens += inputs["attention_mask"].numel()
             self.timer.images_in_step += int("pixel_values" in inputs)
             self.samples_seen += labels.shape[0]
@@ -239,7 +247,7 @@ class VlmTrainer(Trainer):
 
     def _restore_progress(self, progress: dict) -> None:
         self.loss_state = progress["loss"]  # applied once Trainer has set its own up (on_train_begin)
-        self.real_tokens = progress["real_tokens"]
+        self.real_tokens = self.resumed_tokens = progress["real_tokens"]
         self.padded_tokens = progress["padded_tokens"]
         self.fully_masked_samples = progress["fully_masked_samples"]
         self.samples_seen = progress["samples_seen"]
