@@ -27,10 +27,11 @@ from vlmablate.world.scenes import Scene, position, quadrant, sample_scene, scen
 SIZES = WorldSizes(n_caption=200, n_instruct=150, n_bench=40, n_vqa=20)
 CATEGORY = {"existence": "existence", "colour": "attribute_recognition", "shape": "shape_recognition",
             "counting": "object_counting", "position": "object_localization",
-            "spatial": "spatial_relationship", "size": "size_recognition", "fill": "fill_recognition"}
+            "spatial": "spatial_relationship", "size": "size_recognition", "fill": "fill_recognition",
+            "mark": "mark_recognition"}
 L2 = {"existence": "CP", "attribute_recognition": "FP-S", "shape_recognition": "FP-S",
       "object_localization": "FP-S", "size_recognition": "FP-S", "fill_recognition": "FP-S",
-      "spatial_relationship": "FP-C", "object_counting": "FP-C"}
+      "spatial_relationship": "FP-C", "object_counting": "FP-C", "mark_recognition": "FP-S"}
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +206,8 @@ def test_mmbench_answers_agree_with_the_scene(root):
             assert answer == o.size
         elif row["category"] == "fill_recognition":
             assert answer == o.fill
+        elif row["category"] == "mark_recognition":
+            assert answer == o.mark
         elif row["category"] == "object_localization":
             assert answer == quadrant(o)
         elif row["question"] in ("How many shapes are there?", "How many shapes are in the image?"):

@@ -6,7 +6,7 @@ A board transcript is those 16 positions written from the scene itself, so the L
 board long before any projector exists, as Vicuna could read long before LLaVA:
 
 - an object's cell is the sum of the LM's own input embeddings of its attribute words (size, colour,
-  shape, fill), so "diamond" in a question and the diamond on the board share a vector;
+  shape, fill, mark), so "diamond" in a question and the diamond on the board share a vector;
 - every cell adds the embeddings of its quarter's words ("top"/"bottom", "left"/"right") and a learned
   vector of its own, as ViT patches carry position embeddings;
 - an empty cell is one learned vector plus its place.
@@ -22,16 +22,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmablate.world.scenes import COLOURS, FILLS, GRID, SHAPES, SIZES, Scene
+from vlmablate.world.scenes import COLOURS, FILLS, GRID, MARKS, SHAPES, SIZES, Scene
 
 N_CELLS = GRID * GRID
-ATTRIBUTES = ("size", "colour", "shape", "fill")
+ATTRIBUTES = ("size", "colour", "shape", "fill", "mark")
+ATTRIBUTE_VALUES = {"size": SIZES, "colour": tuple(COLOURS), "shape": SHAPES, "fill": FILLS, "mark": MARKS}
 EMPTY = -1  # the word id of an attribute of an empty cell
 
 
 def attribute_words() -> tuple[str, ...]:
     """Every word a cell is built from, attribute values first, then the place words."""
-    return (*SIZES, *COLOURS, *SHAPES, *FILLS, *place_words())
+    return (*(w for a in ATTRIBUTES for w in ATTRIBUTE_VALUES[a]), *place_words())
 
 
 def place_words() -> tuple[str, ...]:
@@ -57,7 +58,7 @@ class BoardVocabulary:
                                        for r in range(GRID) for c in range(GRID)])
 
     def cells(self, scene: Scene | None) -> torch.Tensor:
-        """[16, 4] word ids (size, colour, shape, fill) per cell in raster order; EMPTY rows where no object
+        """[16, 5] word ids (size, colour, shape, fill, mark) per cell in raster order; EMPTY rows where no object
         is. `None` is a blank board."""
         cells = torch.full((N_CELLS, len(ATTRIBUTES)), EMPTY, dtype=torch.long)
         for o in scene.objects if scene is not None else ():
@@ -75,7 +76,7 @@ class BoardEmbedding(nn.Module):
         self.register_buffer("place_ids", place_ids.clone(), persistent=True)
 
     def forward(self, embed_tokens: nn.Embedding, cells: torch.Tensor) -> torch.Tensor:
-        """[batch, 16, hidden] cell vectors for [batch, 16, 4] word ids."""
+        """[batch, 16, hidden] cell vectors for [batch, 16, len(ATTRIBUTES)] word ids."""
         filled = cells != EMPTY
         words = (embed_tokens(cells.clamp(min=0)) * filled.unsqueeze(-1)).sum(2)
         occupied = filled.any(-1, keepdim=True)

@@ -49,19 +49,19 @@ from vlmablate.data.dataset import llava_turns
 from vlmablate.world import language
 from vlmablate.world.scenes import Scene, render, sample_scene, scene_rng
 
-GENERATOR_VERSION = 1  # bump when anything that changes the generated files changes
+GENERATOR_VERSION = 2  # bump when anything that changes the generated files changes
 
 MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category",
                    "image", "split")
 MMBENCH_CATEGORY = {
     "existence": "existence", "colour": "attribute_recognition", "shape": "shape_recognition",
     "counting": "object_counting", "position": "object_localization", "spatial": "spatial_relationship",
-    "size": "size_recognition", "fill": "fill_recognition",
+    "size": "size_recognition", "fill": "fill_recognition", "mark": "mark_recognition",
 }
 MMBENCH_L2 = {
     "existence": "CP", "attribute_recognition": "FP-S", "shape_recognition": "FP-S",
     "object_localization": "FP-S", "size_recognition": "FP-S", "fill_recognition": "FP-S",
-    "spatial_relationship": "FP-C", "object_counting": "FP-C",
+    "spatial_relationship": "FP-C", "object_counting": "FP-C", "mark_recognition": "FP-S",
 }
 HINTS = {  # MMBench gives a hint line for some questions; these point at the attribute asked about
     "existence": "Look at every shape in the picture.", "colour": "Look at the colours.",
@@ -69,6 +69,7 @@ HINTS = {  # MMBench gives a hint line for some questions; these point at the at
     "position": "The picture is divided into four quarters.",
     "spatial": "Compare where the shapes are.", "size": "Shapes come in two sizes.",
     "fill": "A shape is either filled in or drawn as an outline.",
+    "mark": "Some shapes have a small dot in the middle.",
 }
 HINT_RATE = 0.1
 COPY_STRIDE = 1_000_000  # MMBench's circular copy k of question q has index q + k * COPY_STRIDE

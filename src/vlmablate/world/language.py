@@ -5,7 +5,7 @@ from the seed alone. Captions play the part of LLaVA's stage-1 BLIP captions (sh
 every attribute every time); `describe` is the detailed description of stage 2; `question` asks one
 question of one of eight categories, the same ones the benchmark reports:
 
-    existence  colour  shape  counting  position  spatial  size  fill
+    existence  colour  shape  counting  position  spatial  size  fill  mark
 
 A question item is `{"category", "question", "answer", "options", "sentence"}`: `answer` is the short
 canonical answer ("red", "3", "top left", "yes"), `options` the multiple-choice options (the answer
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import random
 
-from vlmablate.world.scenes import COLOURS, FILLS, GRID, SHAPES, SIZES, Obj, Scene, position, quadrant
+from vlmablate.world.scenes import COLOURS, FILLS, GRID, MARKS, SHAPES, SIZES, Obj, Scene, position, quadrant
 
-CATEGORIES = ("existence", "colour", "shape", "counting", "position", "spatial", "size", "fill")
+CATEGORIES = ("existence", "colour", "shape", "counting", "position", "spatial", "size", "fill", "mark")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 YES_NO = ("yes", "no")
@@ -107,11 +107,12 @@ def caption(scene: Scene, rng: random.Random) -> str:
 
 
 def describe(scene: Scene) -> str:
-    """Every object with size, fill, colour, shape, cell and quarter, after the count."""
+    """Every object with size, fill, colour, shape, its mark where it has one, cell and quarter, after the count."""
     n = len(scene.objects)
     lines = [f"The image shows {count_phrase(n, 'shape')} on a white background."]
     for o in scene.objects:
-        lines.append(f"{sentence_case(a(full_name(o)))} is at the {position(o)}, in the {quadrant(o)} quarter.")
+        dot = " with a dot in the middle" if o.mark == "dotted" else ""
+        lines.append(f"{sentence_case(a(full_name(o)))}{dot} is at the {position(o)}, in the {quadrant(o)} quarter.")
     return " ".join(lines)
 
 
@@ -294,9 +295,17 @@ def _fill(scene: Scene, rng: random.Random) -> dict:
     return _item("fill", question, o.fill, list(FILLS), sentence, rng, [o])
 
 
+def _mark(scene: Scene, rng: random.Random) -> dict:
+    o = rng.choice(scene.objects)
+    question = rng.choice((f"Is {ref(o)} plain or dotted?", f"Is {ref(o)} dotted or plain?",
+                           f"Does {ref(o)} have a dot in the middle, or is it plain?"))
+    sentence = f"{sentence_case(ref(o))} is " + ("dotted." if o.mark == "dotted" else "plain, without a dot.")
+    return _item("mark", question, o.mark, list(MARKS), sentence, rng, [o])
+
+
 _MAKERS = {
     "existence": _existence, "colour": _colour, "shape": _shape, "counting": _counting,
-    "position": _position, "spatial": _spatial, "size": _size, "fill": _fill,
+    "position": _position, "spatial": _spatial, "size": _size, "fill": _fill, "mark": _mark,
 }
 
 

@@ -4,9 +4,11 @@ The canvas is a GRID × GRID board of CELL-pixel cells; each object sits in one 
 jitter), so a vision transformer whose patch size equals the cell sees one object per patch. That
 alignment is what lets a tiny ViT learn the world in seconds on a CPU.
 
-Objects have a shape, a colour, a size and a fill. The vision encoder's pretraining covers shape
-and colour only; size and fill are left for the later stages to discover (as CLIP was never taught
-OCR), which is what gives the freeze ablation something to find.
+Objects have a shape, a colour, a size, a fill and a mark (a small dark dot at the centre, or none).
+The vision encoder's pretraining covers shape and colour only; size, fill and the mark are left for
+the later stages to discover (as CLIP was never taught OCR), which is what gives the freeze ablation
+something to find. Size and fill change a hundred pixels each, so a frozen encoder carries them
+anyway; the mark changes four, and a frozen encoder barely does: only one that is trained reads it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ COLOURS = {
 }
 SIZES = ("small", "large")
 FILLS = ("solid", "outline")
+MARKS = ("plain", "dotted")
+# Dark grey, not black: the frozen tower's probe read a black dot at 0.73, this one at 0.64-0.66 (chance
+# 0.5), while a taught tower reads either at 0.99-1.00 (benchmarks/world_vision_mark.py).
+MARK_INK = (64, 64, 64)
 ROW_NAMES = ("top", "upper middle", "lower middle", "bottom")
 COL_NAMES = ("left", "centre left", "centre right", "right")
 
@@ -46,6 +52,7 @@ class Obj:
     col: int
     dx: int = 0  # jitter in pixels, inside the cell
     dy: int = 0
+    mark: str = "plain"  # sampled scenes draw both values; "plain" here keeps hand-built objects unmarked
 
     @property
     def name(self) -> str:
@@ -67,7 +74,7 @@ class Scene:
     @property
     def key(self) -> tuple:
         """Identity of a scene regardless of jitter (held-out scenes must differ from training ones)."""
-        return tuple(sorted((o.shape, o.colour, o.size, o.fill, o.row, o.col) for o in self.objects))
+        return tuple(sorted((o.shape, o.colour, o.size, o.fill, o.mark, o.row, o.col) for o in self.objects))
 
 
 def sample_scene(rng: random.Random, *, min_objects: int = 1, max_objects: int = 5) -> Scene:
@@ -81,7 +88,7 @@ def sample_scene(rng: random.Random, *, min_objects: int = 1, max_objects: int =
         size = rng.choice(SIZES)
         jitter = 1 if size == "large" else 3
         objects.append(Obj(shape, colour, size, rng.choice(FILLS), row, col,
-                           rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)))
+                           rng.randint(-jitter, jitter), rng.randint(-jitter, jitter), rng.choice(MARKS)))
     return Scene(tuple(sorted(objects, key=lambda o: (o.row, o.col))))
 
 
@@ -118,9 +125,17 @@ def render(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
             draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=colour, width=width)
         else:
             draw.polygon(_polygon(o.shape, cx, cy, r), fill=fill, outline=colour, width=width)
+        if o.mark != "plain":
+            _draw_mark(draw, cx, cy)
     if image_size != IMAGE_SIZE:
         image = image.resize((image_size, image_size), Image.BICUBIC)
     return image
+
+
+def _draw_mark(draw: ImageDraw.ImageDraw, cx: float, cy: float) -> None:
+    """A dot of ink at the object's centre: 2 x 2 pixels, dark on any colour and on the white inside an
+    outline, so it is there to see whatever the object's fill and shape."""
+    draw.rectangle([cx - 1, cy - 1, cx, cy], fill=MARK_INK)
 
 
 def position(o: Obj) -> str:
