@@ -7,10 +7,11 @@ held-out scenes, what the frozen LM gets from the projected image beside what it
 transcript and from an empty board:
 
 - caption loss (stage 1's `plain` layout, loss on the caption): image / transcript / empty board;
-- the reading probe (`reading.probe_items`: one short-answer question per board, greedy exact match)
-  per kind: from the image, from the transcript, and from the image of an empty board;
-- where the projected patches land: for each object cell, the nearest of the 121 vectors a cell at that
-  place can be in the LM's embedding space (every size x colour x shape x fill, or empty), and how often
+- the reading probe (`reader.probe_set`: one question per board, greedy exact match) per kind and
+  answer format ("colour", "colour@choice"): from the image, from the transcript, and from the image of
+  an empty board;
+- where the projected patches land: for each object cell, the nearest of the 241 vectors a cell at that
+  place can be in the LM's embedding space (every size x colour x shape x fill x mark, or empty), and how often
   each attribute of it is the object's own; and `place`: how often, of the object's own cell vector at
   each of the 16 places, the one at its true place is the nearest.
 
@@ -25,6 +26,7 @@ import argparse
 import itertools
 import random
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +38,13 @@ from vlmablate.model.plan import resolve_plan
 from vlmablate.model.projector_io import load_projector
 from vlmablate.train.runner import prepare_model
 from vlmablate.train.stages import compose_config, ensure_stage1
-from vlmablate.world.board import ATTRIBUTES, EMPTY, N_CELLS, embed_inputs
+from vlmablate.world.board import ATTRIBUTE_VALUES, ATTRIBUTES, EMPTY, N_CELLS, embed_inputs
 from vlmablate.world.build import ensure_world
-from vlmablate.world.components import load_board
-from vlmablate.world.reader import caption_document
-from vlmablate.world.reading import IGNORE_INDEX, Encoder, collate, probe_items, score_answers
-from vlmablate.world.scenes import COLOURS, FILLS, SHAPES, SIZES, Scene, render, sample_scene, scene_rng
+from vlmablate.world.components import components_config, load_board
+from vlmablate.world.language import CATEGORIES
+from vlmablate.world.reader import caption_document, probe_set
+from vlmablate.world.reading import IGNORE_INDEX, Encoder, collate, score_answers
+from vlmablate.world.scenes import Scene, render, sample_scene, scene_rng
 
 EMPTY_BOARD = Scene(())
 
@@ -73,12 +76,12 @@ class Views:
     @torch.no_grad()
     def nearest_cells(self, scenes) -> dict[str, float]:
         """Per attribute, how often the candidate cell vector nearest to an object's projected patch has it."""
-        combos = list(itertools.product(SIZES, COLOURS, SHAPES, FILLS))
-        words = torch.tensor([[self.enc.vocab.ids[w] for w in combo] for combo in combos] + [[EMPTY] * 4])
+        combos = list(itertools.product(*(ATTRIBUTE_VALUES[a] for a in ATTRIBUTES)))
+        words = torch.tensor([[self.enc.vocab.ids[w] for w in combo] for combo in combos] + [[EMPTY] * len(ATTRIBUTES)])
         embed = self.lm.get_input_embeddings()
         projected = torch.stack(self.llava.model.get_image_features(pixel_values=self.pixels(scenes)).pooler_output)
         # every candidate at every place: entry [p, c] is candidate c at place p
-        cells = torch.full((N_CELLS, len(words), N_CELLS, 4), EMPTY, dtype=torch.long)
+        cells = torch.full((N_CELLS, len(words), N_CELLS, len(ATTRIBUTES)), EMPTY, dtype=torch.long)
         for p in range(N_CELLS):
             cells[p, :, p] = words
         everywhere = torch.stack([self.board(embed, cells[p])[:, p] for p in range(N_CELLS)])
@@ -92,7 +95,7 @@ class Views:
                 # among every place's vectors of the object's own cell: is its place the nearest?
                 own = everywhere[:, combos.index(tuple(getattr(o, a) for a in ATTRIBUTES))]
                 hits["place"] += torch.cdist(patches[place][None].float(), own.float())[0].argmin().item() == place
-                guess = combos[best] if best < len(combos) else (None,) * 4
+                guess = combos[best] if best < len(combos) else (None,) * len(ATTRIBUTES)
                 truth = tuple(getattr(o, a) for a in ATTRIBUTES)
                 hits["cell"] += guess == truth
                 for a, g, t in zip(ATTRIBUTES, guess, truth):
@@ -128,8 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
     chunks = [captions[i: i + args.batch_size] for i in range(0, len(captions), args.batch_size)]
     loss = {view: sum(views.caption_loss(view, c) * len(c) for c in chunks) / len(captions)
             for view in ("image", "transcript", "empty")}
-    kinds = tuple(paths.meta["config"]["lm"]["reading"]["kinds"])
-    items = probe_items(enc, kinds, args.per_kind, seed=3)
+    recipe = components_config(cfg.world).lm
+    items = probe_set(enc, replace(recipe, reading=replace(recipe.reading, kinds=CATEGORIES)), seed=3,
+                      n_per_kind=args.per_kind)
+    kinds = tuple(items)
     reading = {view: score_answers(lambda docs, ids, mask, v=view: views.logits(v, docs, ids, mask), enc, items,
                                    batch_size=args.batch_size)
                for view in ("image", "transcript", "empty")}

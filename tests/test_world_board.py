@@ -29,19 +29,20 @@ from vlmablate.world.scenes import Obj, Scene
 @pytest.fixture(scope="module")
 def enc():
     words = " ".join(language.CATEGORIES) + " circle square triangle cross diamond red green blue yellow purple " \
-        "orange small large solid outline top bottom left right What colour is the Is there a"
+        "orange small large solid outline plain dotted top bottom left right What colour is the Is there a"
     return Encoder(train_tiny_tokenizer(600, extra_text=(words + " ") * 50))
 
 
-SCENE = Scene((Obj("diamond", "red", "large", "solid", 0, 1), Obj("circle", "blue", "small", "outline", 3, 3)))
+SCENE = Scene((Obj("diamond", "red", "large", "solid", 0, 1),
+               Obj("circle", "blue", "small", "outline", 3, 3, mark="dotted")))
 
 
 def test_cells_are_word_ids_in_raster_order(enc):
     ids = enc.vocab.ids
     cells = enc.vocab.cells(SCENE)
-    assert cells.shape == (N_CELLS, 4)
-    assert cells[1].tolist() == [ids["large"], ids["red"], ids["diamond"], ids["solid"]]
-    assert cells[15].tolist() == [ids["small"], ids["blue"], ids["circle"], ids["outline"]]
+    assert cells.shape == (N_CELLS, 5)
+    assert cells[1].tolist() == [ids["large"], ids["red"], ids["diamond"], ids["solid"], ids["plain"]]
+    assert cells[15].tolist() == [ids["small"], ids["blue"], ids["circle"], ids["outline"], ids["dotted"]]
     assert (cells[[0, *range(2, 15)]] == EMPTY).all()
     assert (enc.vocab.cells(None) == EMPTY).all()
     # Cell 1 is row 0, column 1: the top left quarter; cell 15 the bottom right.
@@ -57,7 +58,7 @@ def test_a_cell_is_the_sum_of_its_words_and_its_place(enc):
     vectors = board(table, enc.vocab.cells(SCENE).unsqueeze(0))[0]
     ids, w = enc.vocab.ids, table.weight
     place = lambda c, r, k: board.place[c] + w[ids[r]] + w[ids[k]]  # noqa: E731
-    red_diamond = w[ids["large"]] + w[ids["red"]] + w[ids["diamond"]] + w[ids["solid"]]
+    red_diamond = w[ids["large"]] + w[ids["red"]] + w[ids["diamond"]] + w[ids["solid"]] + w[ids["plain"]]
     torch.testing.assert_close(vectors[1], red_diamond + place(1, "top", "left"))
     torch.testing.assert_close(vectors[0], board.empty + place(0, "top", "left"))
     torch.testing.assert_close(vectors[12], board.empty + place(12, "bottom", "left"))
@@ -257,3 +258,25 @@ def test_targets_point_at_the_key_word_the_answer_and_the_cells(enc):
     assert (first.answer, second.answer) == (doc.answers[0][0] - 1, doc.answers[2][0] - 1)
     assert first.cells == (board + 1,) and first.match == (board + 1, board + 15)  # both diamonds
     assert second.cells == second.match == (board + 15,)
+
+
+def test_a_choice_question_knows_where_its_letters_options_and_key_are(world_enc):
+    from vlmablate.world.reading import _turn
+
+    enc = world_enc
+    scene = Scene((Obj("diamond", "red", "large", "solid", 0, 1), Obj("circle", "blue", "small", "outline", 3, 3)))
+    for kind, seed in (("colour", 0), ("position", 1), ("size", 2)):
+        question, answer, _, cells, options = _turn(scene, kind, "choice", random.Random(seed), suffix=False)
+        doc = reading_document(scene, random.Random(0), enc, ReadingConfig(), turns=[(question, answer, kind, cells,
+                                                                                       options)], system=False)
+        (choice,), (target,) = doc.choices, doc.targets
+        decode = lambda ids: enc.tokenizer.decode([doc.input_ids[p] for p in ids])  # noqa: E731
+        assert [decode([p]) for p in choice.letters] == list("ABCD")[: len(options[0])]
+        assert [decode(span) for span in choice.options] == [" " + o for o in options[0]]
+        assert choice.options[choice.correct] == choice.options[ord(answer) - ord("A")]
+        assert decode(choice.options[choice.correct]) == " " + options[1]
+        assert enc.tokenizer.decode([choice.content]) == " " + options[1].split()[0]
+        assert [enc.tokenizer.decode([t]) for t in choice.letter_ids] == [" " + x for x in "ABCD"][: len(options[0])]
+        assert choice.answer == target.answer == doc.answers[0][0] - 1 and choice.key == target.key
+        assert doc.input_ids[choice.answer + 1] == choice.letter_ids[choice.correct]  # the answer is the letter
+    assert decode([choice.key]) == " diamond"  # "Is the red diamond large or small?": the key is its shape

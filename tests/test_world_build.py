@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
 from vlmablate.config import ConfigError
-from vlmablate.world import build, components, pretrain
+from vlmablate.world import build, components, language, pretrain
 from vlmablate.world import data as world_data
 
 
@@ -39,7 +39,9 @@ def test_components_are_plain_hf_folders_that_learnt(world_cfg, built):
     assert [h["step"] for h in history] == [20, 40]
     assert history[1]["loss"] < 0.9 * history[0]["loss"]
     assert set(meta["reading_probe"]) == {"image", "blank"}
-    assert list(meta["reading_probe"]["image"]) == list(meta["config"]["lm"]["reading"]["kinds"])
+    # every kind, the ones no reading document asks included, in each answer format of the corpus
+    assert meta["config"]["lm"]["reading"]["formats"] == ["short", "choice"]
+    assert list(meta["reading_probe"]["image"]) == [*language.CATEGORIES, *(f"{k}@choice" for k in language.CATEGORIES)]
     assert isinstance(CLIPVisionModel.from_pretrained(built.vision), CLIPVisionModel)
     assert AutoImageProcessor.from_pretrained(built.vision).crop_size["height"] == 64
     lm = LlamaForCausalLM.from_pretrained(built.llm)

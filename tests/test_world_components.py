@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
-from vlmablate.world import components
-from vlmablate.world.reading import Encoder, probe_items, reading_probe
+from vlmablate.world import components, language
+from vlmablate.world.reader import probe_set
+from vlmablate.world.reading import Encoder, reading_probe
 
 TINY = {"vision": {"n_images": 200, "epochs": 1, "n_probe": 50},
         "lm": {"hidden": 32, "layers": 4, "heads": 2, "kv_heads": 2, "intermediate": 64, "steps": 6, "eval_every": 3,
@@ -44,14 +45,18 @@ def test_the_shipped_lm_reads_boards_as_its_metadata_says(shipped):
     lm = LlamaForCausalLM.from_pretrained(shipped / "llm").eval()
     board = components.load_board(shipped)
     enc = Encoder(tokenizer)
-    kinds = tuple(meta["reading_probe"]["image"])
-    items = probe_items(enc, kinds, 25, seed=2)  # boards neither the build nor its probe used
+    recipe = components.shipped_config().lm
+    every_kind = components.dataclasses.replace(
+        recipe, reading=components.dataclasses.replace(recipe.reading, kinds=language.CATEGORIES))
+    items = probe_set(enc, every_kind, seed=2, n_per_kind=25)  # boards neither the build nor its probe used
+    assert list(items) == list(meta["reading_probe"]["image"])
     image = reading_probe(lm, board, enc, items)
     blank = reading_probe(lm, board, enc, items, blank=True)
-    for kind in kinds:  # 25 questions per kind: about +-0.1 around the 200-question figure in the metadata
+    for kind in items:  # 25 questions per kind: about +-0.1 around the 200-question figure in the metadata
         assert image[kind] >= meta["reading_probe"]["image"][kind] - 0.2, (kind, image[kind])
-    assert sum(image.values()) / len(kinds) >= sum(meta["reading_probe"]["image"].values()) / len(kinds) - 0.06
-    assert sum(image.values()) - sum(blank.values()) >= 0.3 * len(kinds)
+    assert sum(image.values()) / len(items) >= sum(meta["reading_probe"]["image"].values()) / len(items) - 0.06
+    read = [k for k in items if k.split("@")[0] in recipe.reading.kinds]  # the kinds its corpus asks
+    assert sum(image[k] - blank[k] for k in read) >= 0.3 * len(read)
 
 
 def test_a_test_size_build_is_deterministic(tmp_path):
@@ -75,7 +80,8 @@ def test_the_script_writes_a_folder_its_loaders_read(tmp_path, capsys):
     sets = [f"{part}.{k}={v}" for part in ("vision", "lm") for k, v in TINY[part].items() if k != "reading"]
     sets += ["lm.reading.curriculum_steps=3", "probe_per_kind=4", "lm.reading.kinds=colour,shape"]
     meta = components.main(["--out", str(tmp_path / "out"), *sum((["--set", s] for s in sets), [])])
-    assert list(meta["reading_probe"]["image"]) == ["colour", "shape"]
+    # the final probe asks every kind in every format of the corpus, the ones this corpus lacks included
+    assert list(meta["reading_probe"]["image"]) == [*language.CATEGORIES, *(f"{k}@choice" for k in language.CATEGORIES)]
     assert f"components {meta['hash']} written to {tmp_path / 'out'}" in capsys.readouterr().out
     board = components.load_board(tmp_path / "out")
     assert board.place.shape == (16, 32) and board.empty.shape == (32,)

@@ -33,7 +33,7 @@ def tokenizer():
 
 def test_the_world_tokenizer_has_every_board_word_as_one_token(tokenizer):
     ids = [single_token_id(tokenizer, w) for w in attribute_words()]
-    assert len(set(ids)) == len(ids) == 19  # 2 sizes, 6 colours, 5 shapes, 2 fills, 4 place words
+    assert len(set(ids)) == len(ids) == 21  # 2 sizes, 6 colours, 5 shapes, 2 fills, 2 marks, 4 place words
     assert [len(tokenizer(" " + x, add_special_tokens=False)["input_ids"]) for x in "ABCD"] == [1, 1, 1, 1]
     assert world_tokenizer().get_vocab() == tokenizer.get_vocab()  # a fixed corpus: the same tokenizer
 
@@ -155,3 +155,41 @@ def test_supervision_must_name_layers_and_heads_the_lm_has():
         ReaderConfig(layers=2, attend_loss=1.0)
     with pytest.raises(ValueError, match=r"read-out after layer 2"):
         ReaderConfig(layers=2, readout_loss=1.0)
+
+
+def test_the_choice_routes_supervise_options_and_the_answer():
+    from vlmablate.world.reader import attention_loss
+    from vlmablate.world.reading import Choice, ReadingDoc
+
+    # key word at 1; "A. red" -> letter 3, option 4; "B. top left" -> letter 6, options 7-8; answer at 10
+    choice = Choice(answer=10, letters=(3, 6), options=((4,), (7, 8)), correct=1, content=99, key=1,
+                    letter_ids=(50, 51))
+    doc = ReadingDoc([0] * 12, [True] * 12, choices=[choice])
+    weights = torch.zeros(1, 1, 12, 12)
+    weights[0, 0, 4, 3], weights[0, 0, 7, 6], weights[0, 0, 8, 6] = 0.5, 0.25, 1.0  # options on their letters
+    weights[0, 0, 4, 1], weights[0, 0, 7, 1], weights[0, 0, 8, 1] = 0.5, 0.5, 0.0  # options on the key word
+    weights[0, 0, 10, 7], weights[0, 0, 10, 8] = 0.25, 0.5  # the answer on the right option's two tokens
+    losses = attention_loss([weights], [doc], ("0.0:option>letter", "0.0:option>key", "0.0:answer>option"))
+    nll = lambda *p: -torch.log(torch.tensor(p) + 1e-6).mean()  # noqa: E731
+    torch.testing.assert_close(losses, torch.stack([nll(0.5, 0.25, 1.0), nll(0.5, 0.5, 0.0), nll(0.75)]))
+
+
+def test_a_choice_answer_reads_out_its_option_and_each_option_its_letter(tokenizer):
+    from vlmablate.world.reader import letter_readout_loss, readout_loss
+    from vlmablate.world.reading import Choice, ReadingDoc, Target
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(TINY, tokenizer))
+    ids = list(range(20, 32))
+    choice = Choice(answer=9, letters=(3, 6), options=((4,), (7, 8)), correct=1, content=77, key=1,
+                    letter_ids=(50, 51))
+    doc = ReadingDoc(ids, [True] * 12, answers=[(10, 12, "position")], choices=[choice],
+                     targets=[Target(asked=2, answer=9, cells=(0,), key=1, match=(0,))])
+    hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    logits = model.lm_head(model.model.norm(hidden[1][0]))
+    # the answer position reads out the right option's first token (77), not the letter ids[10] nor </s>
+    for tokens in ("first", "all"):
+        torch.testing.assert_close(readout_loss(model, hidden, [doc], (0,), tokens=tokens),
+                                   F.cross_entropy(logits[[9]], torch.tensor([77])))
+    torch.testing.assert_close(letter_readout_loss(model, hidden, [doc], (0,)),
+                               F.cross_entropy(logits[[4, 7, 8]], torch.tensor([50, 51, 51])))

@@ -66,20 +66,30 @@ class ReaderConfig:
     reading: ReadingConfig = field(default_factory=ReadingConfig)
     # Attention supervision, each entry "LAYER.HEAD:FROM>TO": that head, at position FROM ("key": the
     # question's last word naming its object's colour or shape, "question": its "?", "answer": the
-    # position that predicts the answer), is taught to look at TO ("cells": the cells the answer is
-    # read from, "match": the cells of every object the key word names, "key": the key word, "prev": the
-    # token before FROM), with weight `attend_loss` (0 turns it off).
+    # position that predicts the answer, "option": every token of every option of a multiple-choice
+    # question), is taught to look at TO ("cells": the cells the answer is read from, "match": the cells
+    # of every object the key word names, "key": the key word, "prev": the token before FROM, "letter":
+    # the option's letter, "option": the right option's tokens), with weight `attend_loss` (0 turns it
+    # off). "option>letter", "option>key" and "answer>option" are the multiple-choice heads: each option's
+    # words learn their letter and look at what the question asks about (so an option can tell whether it
+    # holds), and the answer finds the option that holds.
     attend_loss: float = 0.0
     # The default heads are the best recipe measured (docs/tiny_world_reading.md, runs R3 and R5).
     attend: tuple[str, ...] = ("0.0:key>match", "0.1:key>prev", "1.0:key>cells", "2.0:answer>key", "3.0:answer>cells")
     # Early read-out: the hidden state after each of these layers, at the position that predicts an
     # answer, is also scored through the final norm and the LM head against the answer's first token
-    # (weight `readout_loss`), so the layers that move the looked-up object carry its attributes.
+    # (weight `readout_loss`), so the layers that move the looked-up object carry its attributes. For a
+    # multiple-choice question that token is the right option's first word, not its letter: the layers
+    # above the read-out turn what was read into the letter of the option that says it.
     readout_loss: float = 0.0
     readout_layers: tuple[int, ...] = (1, 2)
     # "first": only each answer's first token is read out early; "all": every token of every answer
     # (and its </s>), so a two-word answer ("top left") has its second word taught there too.
     readout_tokens: str = "first"
+    # The option tokens of a multiple-choice question, read out early (after `readout_layers`) as their
+    # option's letter in the answer's spelling (" B"), with this weight: an option's words carry the letter
+    # that the answer will copy from them.
+    letter_readout: float = 0.0
     eval_every: int = 100
     probe_per_kind: int = 50
 
@@ -185,9 +195,28 @@ def parse_attend(spec: str) -> tuple[int, int, str, str]:
         origin, target = route.split(">")
     except ValueError:
         raise ValueError(f"attention supervision {spec!r} is not LAYER.HEAD:FROM>TO") from None
-    if origin not in ("key", "question", "answer") or target not in ("cells", "match", "key", "prev"):
-        raise ValueError(f"attention supervision {spec!r}: FROM is key|question|answer, TO is cells|match|key|prev")
+    routes = {"key": ("cells", "match", "key", "prev"), "question": ("cells", "match", "key", "prev"),
+              "answer": ("cells", "match", "key", "prev", "option"), "option": ("letter", "key", "prev")}
+    if target not in routes.get(origin, ()):
+        raise ValueError(f"attention supervision {spec!r}: FROM>TO is one of "
+                         + ", ".join(f"{o}>{t}" for o, ts in routes.items() for t in ts))
     return layer, head, origin, target
+
+
+def _routes(d: ReadingDoc, origin: str, target: str):
+    """(from, (to, ...)) position pairs of one document for one supervised route."""
+    if origin == "option":
+        for choice in d.choices:
+            for letter, option in zip(choice.letters, choice.options):
+                for where in option:
+                    yield where, {"letter": (letter,), "key": (choice.key,), "prev": (where - 1,)}[target]
+    elif target == "option":
+        for choice in d.choices:
+            yield choice.answer, choice.options[choice.correct]
+    else:
+        for t in d.targets:
+            where = {"answer": t.answer, "question": t.asked, "key": t.key}[origin]
+            yield where, {"cells": t.cells, "match": t.match, "key": (t.key,), "prev": (where - 1,)}[target]
 
 
 def attention_loss(attentions, docs: list[ReadingDoc], specs: tuple[str, ...]) -> torch.Tensor:
@@ -196,9 +225,7 @@ def attention_loss(attentions, docs: list[ReadingDoc], specs: tuple[str, ...]) -
     for layer, head, origin, target in map(parse_attend, specs):
         rows, queries, hot = [], [], []
         for i, d in enumerate(docs):
-            for t in d.targets:
-                where = {"answer": t.answer, "question": t.asked, "key": t.key}[origin]
-                goal = {"cells": t.cells, "match": t.match, "key": (t.key,), "prev": (where - 1,)}[target]
+            for where, goal in _routes(d, origin, target):
                 if where <= max(goal):
                     continue  # a position only looks back (and not at itself)
                 row = torch.zeros(attentions[0].shape[-1])
@@ -235,12 +262,17 @@ def readout_loss(model, hidden_states, docs: list[ReadingDoc], layers: tuple[int
                  tokens: str = "first") -> torch.Tensor:
     """Cross-entropy of answer tokens from the hidden state after each of `layers` (the LM head applied
     early): each supervised answer's first token (`tokens="first"`), or every token of every answer
-    about the board, its </s> included (`tokens="all"`)."""
-    if tokens == "first":
-        rows = [(i, t.answer, d.input_ids[t.answer + 1]) for i, d in enumerate(docs) for t in d.targets]
-    else:
-        rows = [(i, p - 1, d.input_ids[p]) for i, d in enumerate(docs) for a, b, kind in d.answers
-                if kind != "describe" for p in range(a, b)]
+    about the board, its </s> included (`tokens="all"`). A multiple-choice answer is read out as its right
+    option's first token (what the letter stands for), never as the letter."""
+    rows = []
+    for i, d in enumerate(docs):
+        lettered = {c.answer for c in d.choices}
+        rows += [(i, c.answer, c.content) for c in d.choices]
+        if tokens == "first":
+            rows += [(i, t.answer, d.input_ids[t.answer + 1]) for t in d.targets if t.answer not in lettered]
+        else:
+            rows += [(i, p - 1, d.input_ids[p]) for a, b, kind in d.answers
+                     if kind != "describe" and a - 1 not in lettered for p in range(a, b)]
     if not rows or not layers:
         return hidden_states[0].new_zeros(())
     rows, positions, answers = (torch.tensor(x) for x in zip(*rows))
@@ -249,19 +281,44 @@ def readout_loss(model, hidden_states, docs: list[ReadingDoc], layers: tuple[int
     return torch.stack(losses).mean()
 
 
-def train_reader(cfg: ReaderConfig, tokenizer, *, progress: bool = True, log=print):
+def probe_set(enc: Encoder, cfg: ReaderConfig, seed: int = 0, n_per_kind: int | None = None):
+    """The reading probe's held-out items: per kind in the short format and, where the corpus has the
+    choice format, per kind in it too ("colour@choice")."""
+    n = n_per_kind or cfg.probe_per_kind
+    items = probe_items(enc, cfg.reading.kinds, n, seed=seed)
+    if "choice" in cfg.reading.formats:
+        items |= {f"{kind}@choice": docs for kind, docs in
+                  probe_items(enc, cfg.reading.kinds, n, seed=seed, fmt="choice").items()}
+    return items
+
+
+def letter_readout_loss(model, hidden_states, docs: list[ReadingDoc], layers: tuple[int, ...]) -> torch.Tensor:
+    """Cross-entropy, after each of `layers`, of every option token of every multiple-choice question against
+    its option's letter as an answer spells it."""
+    rows = [(i, where, letter) for i, d in enumerate(docs) for c in d.choices
+            for letter, option in zip(c.letter_ids, c.options) for where in option]
+    if not rows or not layers:
+        return hidden_states[0].new_zeros(())
+    rows, positions, letters = (torch.tensor(x) for x in zip(*rows))
+    losses = [F.cross_entropy(model.lm_head(model.model.norm(hidden_states[layer + 1][rows, positions])).float(),
+                              letters) for layer in layers]
+    return torch.stack(losses).mean()
+
+
+def train_reader(cfg: ReaderConfig, tokenizer, *, progress: bool = True, log=print, start_from=None):
     """Train a LlamaForCausalLM and its BoardEmbedding; return (model, board, metrics).
 
+    `start_from` (model, board) continues training those instead of fresh ones (they are trained in place).
     metrics["probe"] is the reading probe per kind at every `eval_every` steps and at the end;
     metrics["blank"] is the final model's score on empty boards."""
     enc = Encoder(tokenizer)
-    items = probe_items(enc, cfg.reading.kinds, cfg.probe_per_kind)
+    items = probe_set(enc, cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = LlamaForCausalLM(llama_config(cfg, tokenizer))
+        model, board = start_from or (LlamaForCausalLM(llama_config(cfg, tokenizer)),
+                                      BoardEmbedding(cfg.hidden, enc.vocab.place_ids))
         if cfg.attend_loss:
             model.set_attn_implementation("eager")  # the supervised heads' weights must be materialised
-        board = BoardEmbedding(cfg.hidden, enc.vocab.place_ids)
         history, losses, attend = [], [], []
         params = [*model.parameters(), *board.parameters()]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
@@ -273,7 +330,7 @@ def train_reader(cfg: ReaderConfig, tokenizer, *, progress: bool = True, log=pri
             docs = stream.batch(step)
             inputs, labels, mask = batch_inputs(model, board, enc, docs)
             out = model(inputs_embeds=inputs, attention_mask=mask, output_attentions=bool(cfg.attend_loss),
-                        output_hidden_states=bool(cfg.readout_loss))
+                        output_hidden_states=bool(cfg.readout_loss or cfg.letter_readout))
             loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=IGNORE_INDEX)
             total = loss
@@ -284,6 +341,9 @@ def train_reader(cfg: ReaderConfig, tokenizer, *, progress: bool = True, log=pri
             if cfg.readout_loss:
                 total = total + cfg.readout_loss * readout_loss(model, out.hidden_states, docs, cfg.readout_layers,
                                                              cfg.readout_tokens)
+            if cfg.letter_readout:
+                total = total + cfg.letter_readout * letter_readout_loss(model, out.hidden_states, docs,
+                                                                         cfg.readout_layers)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

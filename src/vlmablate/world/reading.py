@@ -75,6 +75,18 @@ class Target(NamedTuple):
     match: tuple[int, ...]  # the cells of every object that the key word names
 
 
+class Choice(NamedTuple):
+    """Where a multiple-choice question's options are, as positions in its document."""
+
+    answer: int  # the position whose logits give the option's letter
+    letters: tuple[int, ...]  # each option line's letter ("A" in "A. red")
+    options: tuple[tuple[int, ...], ...]  # each option's own tokens (" red"; " top", " left")
+    correct: int  # the index of the right option
+    content: int  # the first token of the right option's text, as a short answer starts (" red")
+    key: int  # the question's key word (`Target.key`), or its "?" where it has none
+    letter_ids: tuple[int, ...]  # each option's letter as an answer is written (" A")
+
+
 @dataclass
 class ReadingDoc:
     input_ids: list[int]
@@ -82,6 +94,7 @@ class ReadingDoc:
     answers: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, kind) token spans
     targets: list[Target] = field(default_factory=list)
     scene: Scene | None = None
+    choices: list[Choice] = field(default_factory=list)  # the multiple-choice questions among `answers`
 
 
 class Encoder:
@@ -92,30 +105,46 @@ class Encoder:
         self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
         self.vocab = BoardVocabulary(tokenizer)
         self.encode = functools.lru_cache(maxsize=None)(self._encode)
+        self.offsets = functools.lru_cache(maxsize=None)(self._offsets)
 
     def _encode(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _offsets(self, text: str) -> tuple[tuple[int, int], ...]:
+        """Each token's (start, end) characters in `text`, as `encode(text)` splits it."""
+        return tuple(map(tuple, self.tokenizer(text, add_special_tokens=False,
+                                               return_offsets_mapping=True)["offset_mapping"]))
+
+    def spans(self, text: str, parts: list[tuple[int, int]]) -> list[tuple[int, ...]]:
+        """For each character span in `parts`, the positions of the tokens of `encode(text)` inside it."""
+        offsets = self.offsets(text)
+        return [tuple(j for j, (a, b) in enumerate(offsets) if a >= start and b <= end and b > a)
+                for start, end in parts]
+
 
 def _turn(scene: Scene, kind: str, fmt: str, rng: random.Random, suffix: bool) -> tuple | None:
-    """(question, answer, kind, cells the answer is read from), or None where the scene has no such question."""
+    """(question, answer, kind, cells the answer is read from, options), or None where the scene has no such
+    question; `options` is `(the options, the short answer)` in the choice format, else None."""
     item = language.question(scene, kind, rng)
     if item is None:
         return None
+    options = None
     if fmt == "sentence":
         question, answer = item["question"], item["sentence"]
     elif fmt == "choice":  # MMBench's layout: the options under the question, the letter as the answer
-        options = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(item["options"]))
-        question = f"{item['question']}\n{options}\n{CHOICE_PROMPT}"
+        block = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(item["options"]))
+        question = f"{item['question']}\n{block}\n{CHOICE_PROMPT}"
         answer = LETTERS[item["options"].index(item["answer"])]
+        options = (tuple(item["options"]), item["answer"])
     else:
         question, answer = item["question"] + (SHORT_ANSWER if suffix else ""), item["answer"]
-    return question, answer, kind, tuple(item["cells"])
+    return question, answer, kind, tuple(item["cells"]), options
 
 
 def reading_document(scene: Scene, rng: random.Random, enc: Encoder, cfg: ReadingConfig, *,
                      turns: list[tuple[str, str, str]] | None = None, system: bool | None = None) -> ReadingDoc:
-    """One conversation about `scene`: `turns` (question, answer, kind[, cells]) if given, else drawn from `cfg`."""
+    """One conversation about `scene`: `turns` (question, answer, kind[, cells[, options]]) if given, else drawn
+    from `cfg`."""
     if turns is None:
         turns, wanted = [], rng.randint(*cfg.qa_per_doc)
         if cfg.describe_share and rng.random() < cfg.describe_share:
@@ -140,16 +169,37 @@ def reading_document(scene: Scene, rng: random.Random, enc: Encoder, cfg: Readin
     add((tok.bos_token_id, *enc.encode((SYSTEM + " " if system else "") + "USER: ")), cfg.loss == "all")
     board = len(doc.input_ids)
     add((enc.image_token_id,) * N_CELLS, False)
-    for i, (question, answer, kind, *cells) in enumerate(turns):
+    for i, (question, answer, kind, *rest) in enumerate(turns):
+        cells, options = (rest + [(), None])[:2]
         opening, begin = ("\n" if i == 0 else "USER: "), len(doc.input_ids)
         asked_ids = enc.encode(opening + question.split("\n")[0])  # the question without options or instruction
-        add(enc.encode(opening + question + " ASSISTANT:"), cfg.loss == "all")  # as the chat template renders it
+        text = opening + question + " ASSISTANT:"  # as the chat template renders it
+        add(enc.encode(text), cfg.loss == "all")
         start = len(doc.input_ids)
         add((*enc.encode(" " + answer), tok.eos_token_id), True)
         doc.answers.append((start, len(doc.input_ids), kind))
-        if cells and cells[0]:
-            doc.targets.append(_target(scene, enc, cells[0], asked_ids, begin, start - 1, board))
+        key = begin + len(asked_ids) - 1
+        if cells:
+            doc.targets.append(_target(scene, enc, cells, asked_ids, begin, start - 1, board))
+            key = doc.targets[-1].key
+        if options:
+            doc.choices.append(_choice(enc, text, begin, start - 1, *options, key=key))
     return doc
+
+
+def _choice(enc: Encoder, text: str, begin: int, answer: int, options: tuple[str, ...], short: str, *,
+            key: int) -> Choice:
+    """Positions of the option lines ("A. red") of a question rendered as `text` from position `begin`."""
+    parts, at = [], text.index("\n" + LETTERS[0] + ". ")
+    for i, option in enumerate(options):
+        line = text.index(f"\n{LETTERS[i]}. {option}\n", at) + 1
+        parts += [(line, line + 1), (line + 2, line + 3 + len(option))]  # the letter; " " and the option
+        at = line
+    spans = [tuple(begin + j for j in span) for span in enc.spans(text, parts)]
+    if any(len(span) == 0 for span in spans) or any(len(span) != 1 for span in spans[::2]):
+        raise ValueError(f"option lines of {text!r} do not fall on token boundaries")
+    return Choice(answer, tuple(span[0] for span in spans[::2]), tuple(spans[1::2]), options.index(short),
+                  enc.encode(" " + short)[0], key, tuple(enc.encode(" " + LETTERS[i])[0] for i in range(len(options))))
 
 
 def _target(scene: Scene, enc: Encoder, cells: tuple[int, ...], asked_ids: tuple[int, ...], begin: int,
