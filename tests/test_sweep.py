@@ -206,3 +206,53 @@ def test_logging_settings_do_not_change_a_cells_hash():
     other = {"train": {"seed": 1, "progress": True}, "logger": {"name": "none"}, "freeze": {"name": "lora_llm"}}
     assert config_hash(learning_config(base)) == config_hash(learning_config(logged))
     assert config_hash(learning_config(base)) != config_hash(learning_config(other))
+
+
+def fake_categorised_run(folder: Path, cell: str, seed: int, right: dict[str, list[bool]],
+                         blank: dict[str, list[bool]]) -> None:
+    """A run whose questions are listed per category: `right` with the image, `blank` with a blank one."""
+    run = folder / cell / f"seed{seed}"
+    for task, answers in (("mmbench", right), ("mmbench_blank_image", blank)):
+        (run / "eval" / task).mkdir(parents=True)
+        rows, q = [], 0
+        for category, oks in answers.items():
+            for ok in oks:
+                rows += [{"q": q, "copy": c, "category": category, "correct": ok or c == 0} for c in range(2)]
+                q += 1
+        (run / "eval" / task / "predictions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    summary = {"status": "completed", "seed": seed, "cell": {"name": cell, "label": cell},
+               "eval": {"mmbench": {"vanilla_acc": 0.5}, "textvqa": {"vqa_acc": 0.5},
+                        "vqa_blank_image": {"vqa_acc": 0.25 + 0.125 * seed}}}
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_report_has_the_blank_baseline_and_tests_per_category(tmp_path):
+    # "vision" reads the mark and not counting; "lm" the other way round; both read colour
+    for seed in (0, 1):
+        fake_categorised_run(tmp_path, "vision", seed, {"colour": [True] * 30, "mark": [True] * 30,
+                                                       "counting": [False] * 30},
+                             {"colour": [False] * 30, "mark": [True] * 15 + [False] * 15, "counting": [False] * 30})
+        fake_categorised_run(tmp_path, "lm", seed, {"colour": [True] * 30, "mark": [False] * 30,
+                                                   "counting": [True] * 30},
+                             {"colour": [False] * 30, "mark": [False] * 30, "counting": [False] * 30})
+    result = write_report(tmp_path, n_boot=200)
+    rows = {r["cell"]: r for r in result["rows"]}
+    assert rows["vision"]["mmbench_circular"] == rows["lm"]["mmbench_circular"] == pytest.approx(2 / 3)
+    assert rows["vision"]["mmbench_blank"] == pytest.approx(1 / 6) and rows["lm"]["mmbench_blank"] == 0.0
+    assert rows["vision"]["vqa_blank"] == pytest.approx(0.3125)
+    assert rows["vision"]["per_category"]["mark"] == {"circular": 1.0, "blank": 0.5, "n": 60}
+    assert rows["lm"]["per_category"]["counting"] == {"circular": 1.0, "blank": 0.0, "n": 60}
+    (overall,) = result["paired"]
+    assert overall["diff"] == 0.0 and overall["p_value"] == 1.0  # the two cells tie overall ...
+    by_category = {t["category"]: t for t in result["paired_by_category"]}
+    assert set(by_category) == {"colour", "counting", "mark"}
+    assert by_category["colour"]["diff"] == 0.0 and by_category["colour"]["pairs"] == 60
+    sign = 1 if by_category["mark"]["a"] == "vision" else -1  # ... and differ beyond noise where each reads
+    assert sign * by_category["mark"]["diff"] == 1.0 and sign * by_category["counting"]["diff"] == -1.0
+    assert by_category["mark"]["p_value"] < 0.05 and by_category["counting"]["p_value"] < 0.05
+    # the blank band pools every cell and seed: 30 of 360 (seed, question) pairs right
+    mean, low, high = result["blank_band"]
+    assert mean == pytest.approx(30 / 360) and low < mean < high
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert "| mark | 1.00 / 0.50 | 0.00 / 0.00 |" in markdown or "| mark | 0.00 / 0.00 | 1.00 / 0.50 |" in markdown
+    assert "2 of 3 tests at p < 0.05" in markdown and (tmp_path / "comparison.png").stat().st_size > 0
