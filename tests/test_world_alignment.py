@@ -26,7 +26,8 @@ def parts():
 def test_nearest_cells_are_exact_when_the_projector_returns_the_transcript(parts):
     alignment = load_benchmark("world_alignment")
     lm, board, enc = parts
-    scenes = [Scene((Obj("diamond", "red", "large", "solid", 0, 1), Obj("circle", "blue", "small", "outline", 3, 3))),
+    scenes = [Scene((Obj("diamond", "red", "large", "solid", 0, 1),
+                     Obj("circle", "blue", "small", "outline", 3, 3, mark="dotted"))),
               Scene((Obj("cross", "purple", "small", "solid", 2, 0),))]
     with torch.no_grad():
         transcript = board(lm.get_input_embeddings(), torch.stack([enc.vocab.cells(s) for s in scenes]))
@@ -36,12 +37,13 @@ def test_nearest_cells_are_exact_when_the_projector_returns_the_transcript(parts
     views = alignment.Views(fake, SimpleNamespace(image_processor=lambda images, return_tensors: {
         "pixel_values": torch.zeros(len(images))}), lm, board, enc)
     assert views.nearest_cells(scenes) == {"cell": 1.0, "size": 1.0, "colour": 1.0, "shape": 1.0, "fill": 1.0,
-                                             "place": 1.0}
+                                             "mark": 1.0, "place": 1.0}
     # Swapping the two objects' patches: the second scene's cross lands where nothing matches its place.
     fake.model.get_image_features = lambda pixel_values: SimpleNamespace(pooler_output=list(transcript.flip(0)))
     assert views.nearest_cells(scenes)["cell"] < 1.0
     # Each object's patch is its cell vector at the next place: the right objects, at the wrong places.
-    moved = [Scene(tuple(Obj(o.shape, o.colour, o.size, o.fill, o.row, (o.col + 1) % 4) for o in s.objects))
+    moved = [Scene(tuple(Obj(o.shape, o.colour, o.size, o.fill, o.row, (o.col + 1) % 4, mark=o.mark)
+                         for o in s.objects))
              for s in scenes]
     with torch.no_grad():
         elsewhere = board(lm.get_input_embeddings(), torch.stack([enc.vocab.cells(s) for s in moved]))
@@ -69,5 +71,5 @@ def test_main_prints_the_three_views(capsys):
     out = capsys.readouterr().out
     assert "caption loss on 8 held-out scenes: image" in out and "nearest cell vector right in: cell" in out
     assert set(result["reading"]) == {"image", "transcript", "empty"}
-    assert all(len(r) == 8 for r in result["reading"].values())
+    assert all(len(r) == 18 for r in result["reading"].values())  # 9 kinds, short and in MMBench's layout
     assert result["stage1"].endswith("final/projector")
