@@ -193,3 +193,18 @@ def test_a_choice_answer_reads_out_its_option_and_each_option_its_letter(tokeniz
                                    F.cross_entropy(logits[[9]], torch.tensor([77])))
     torch.testing.assert_close(letter_readout_loss(model, hidden, [doc], (0,)),
                                F.cross_entropy(logits[[4, 7, 8]], torch.tensor([50, 51, 51])))
+
+
+def test_training_can_continue_a_given_model(tokenizer):
+    enc = Encoder(tokenizer)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(TINY, tokenizer))
+    board = BoardEmbedding(TINY.hidden, enc.vocab.place_ids)
+    before = model.lm_head.weight.detach().clone()
+    cfg = dataclasses.replace(TINY, steps=2, eval_every=2)
+    trained, trained_board, _ = train_reader(cfg, tokenizer, progress=False, log=lambda row: None,
+                                             start_from=(model, board))
+    assert trained is model and trained_board is board  # trained in place, not replaced
+    assert not torch.equal(model.lm_head.weight, before)
+    with pytest.raises(ValueError, match="read-out after layer 2"):
+        ReaderConfig(layers=2, letter_readout=1.0)

@@ -97,7 +97,7 @@ class ReaderConfig:
         missing = [spec for spec in self.attend if self.attend_loss
                    and (parse_attend(spec)[0] >= self.layers or parse_attend(spec)[1] >= self.heads)]
         missing += [f"read-out after layer {layer}" for layer in self.readout_layers
-                    if self.readout_loss and layer >= self.layers]
+                    if (self.readout_loss or self.letter_readout) and layer >= self.layers]
         if missing:
             raise ValueError(f"{missing} name layers or heads a {self.layers}-layer, {self.heads}-head LM lacks")
         if self.readout_tokens not in ("first", "all"):
@@ -273,11 +273,17 @@ def readout_loss(model, hidden_states, docs: list[ReadingDoc], layers: tuple[int
         else:
             rows += [(i, p - 1, d.input_ids[p]) for a, b, kind in d.answers
                      if kind != "describe" and a - 1 not in lettered for p in range(a, b)]
+    return _early_loss(model, hidden_states, rows, layers)
+
+
+def _early_loss(model, hidden_states, rows: list[tuple[int, int, int]], layers: tuple[int, ...]) -> torch.Tensor:
+    """Mean over `layers` of the cross-entropy of (document, position, token) `rows`, the hidden state after
+    each layer put through the final norm and the LM head."""
     if not rows or not layers:
         return hidden_states[0].new_zeros(())
-    rows, positions, answers = (torch.tensor(x) for x in zip(*rows))
+    rows, positions, tokens = (torch.tensor(x) for x in zip(*rows))
     losses = [F.cross_entropy(model.lm_head(model.model.norm(hidden_states[layer + 1][rows, positions])).float(),
-                              answers) for layer in layers]
+                              tokens) for layer in layers]
     return torch.stack(losses).mean()
 
 
@@ -297,12 +303,7 @@ def letter_readout_loss(model, hidden_states, docs: list[ReadingDoc], layers: tu
     its option's letter as an answer spells it."""
     rows = [(i, where, letter) for i, d in enumerate(docs) for c in d.choices
             for letter, option in zip(c.letter_ids, c.options) for where in option]
-    if not rows or not layers:
-        return hidden_states[0].new_zeros(())
-    rows, positions, letters = (torch.tensor(x) for x in zip(*rows))
-    losses = [F.cross_entropy(model.lm_head(model.model.norm(hidden_states[layer + 1][rows, positions])).float(),
-                              letters) for layer in layers]
-    return torch.stack(losses).mean()
+    return _early_loss(model, hidden_states, rows, layers)
 
 
 def train_reader(cfg: ReaderConfig, tokenizer, *, progress: bool = True, log=print, start_from=None):
