@@ -13,6 +13,7 @@ from conftest import compose_run, load_benchmark
 from vlmablate.model.load import load_model
 from vlmablate.model.plan import resolve_plan
 from vlmablate.train.runner import prepare_model
+from vlmablate.world import language
 from vlmablate.world.data import SHORT_ANSWER_PROMPT
 
 
@@ -98,8 +99,10 @@ def test_sentence_answers_drop_the_short_answer_prompt(grounding, task):
     short_prompt, word, _, _ = task.example("train", 5)
     prompt, sentence, _, _ = sentences.example("train", 5)
     assert SHORT_ANSWER_PROMPT in short_prompt and SHORT_ANSWER_PROMPT not in prompt
-    # the same scene and question: the sentence states the short answer, e.g. "The circle is red." / "red"
-    assert sentence.endswith(".") and sentence[0].isupper() and word.lower() in sentence.lower()
+    # the same scene and question: the sentence states the short answer, e.g. "The circle is red." / "red",
+    # a count in words: "There is one square." / "1"
+    spoken = language.NUMBER_WORDS[int(word)] if word.isdigit() else word.lower()
+    assert sentence.endswith(".") and sentence[0].isupper() and spoken in sentence.lower()
     batch = sentences.batch(5, 1)
     kept = batch["labels"][0][batch["labels"][0] != -100]
     assert sentences.tokenizer.decode(kept) == f" {sentence}{sentences.tokenizer.eos_token}"
