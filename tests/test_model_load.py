@@ -159,6 +159,20 @@ def test_tiny_random_source(tmp_path):
     assert resolve_checkpoint(cfg, projector_type="mlp2x_gelu") == loaded.checkpoint  # cached
 
 
+def test_tiny_random_heads_widths_and_positions_follow_the_config(tmp_path):
+    """A LLaVA-shaped benchmark model: heads, MLP widths and a position table as long as max_length."""
+    tiny = TinyModelConfig(vision_hidden=48, vision_heads=3, vision_intermediate=96, text_hidden=64, text_heads=2,
+                           text_kv_heads=1, text_intermediate=160)
+    cfg = ModelConfig(name="tiny", source="tiny_random", cache_dir=str(tmp_path), max_length=700, tiny=tiny)
+    loaded = _load(cfg)
+    vision, text = loaded.model.config.vision_config, loaded.model.config.text_config
+    assert (vision.num_attention_heads, vision.intermediate_size) == (3, 96)
+    assert (text.num_attention_heads, text.num_key_value_heads, text.intermediate_size) == (2, 1, 160)
+    assert text.max_position_embeddings == 700 and loaded.processor.tokenizer.model_max_length == 700
+    short = ModelConfig(name="tiny", source="tiny_random", cache_dir=str(tmp_path), max_length=256)
+    assert load.tiny_spec(short).max_positions == 512  # never shorter than the default table
+
+
 def test_cache_dir_falls_back_to_env(monkeypatch, tmp_path):
     monkeypatch.setenv("VLMABLATE_CACHE", str(tmp_path))
     assert load.cache_root(ModelConfig(name="x", source="tiny_random")) == tmp_path

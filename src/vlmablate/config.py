@@ -32,8 +32,13 @@ class TinyModelConfig:
     patch_size: int = 8
     vision_hidden: int = 32
     vision_layers: int = 3
+    vision_heads: int = 4
+    vision_intermediate: int = 64
     text_hidden: int = 64
     text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 128
     vocab_size: int = 600
 
 

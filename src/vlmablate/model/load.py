@@ -89,8 +89,10 @@ def tiny_spec(cfg: ModelConfig) -> TinySpec:
     t = cfg.tiny
     return TinySpec(
         arch=t.arch, image_size=t.image_size, patch_size=t.patch_size, vision_hidden=t.vision_hidden,
-        vision_layers=t.vision_layers, text_hidden=t.text_hidden, text_layers=t.text_layers,
-        vocab_size=t.vocab_size, vision_feature_layer=cfg.vision_feature_layer,
+        vision_layers=t.vision_layers, vision_heads=t.vision_heads, vision_intermediate=t.vision_intermediate,
+        text_hidden=t.text_hidden, text_layers=t.text_layers, text_heads=t.text_heads,
+        text_kv_heads=t.text_kv_heads, text_intermediate=t.text_intermediate, vocab_size=t.vocab_size,
+        vision_feature_layer=cfg.vision_feature_layer, max_positions=max(TinySpec.max_positions, cfg.max_length),
     )
 
 

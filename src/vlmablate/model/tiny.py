@@ -74,6 +74,7 @@ class TinySpec:
     vocab_size: int = 600
     projector_hidden_act: str = "gelu"
     vision_feature_layer: int = -2
+    max_positions: int = 512  # the LM's position table and the tokenizer's model_max_length
     seed: int = 0
 
 
@@ -126,7 +127,7 @@ def _text_config(spec: TinySpec, vocab_size: int, tokenizer: PreTrainedTokenizer
         num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.text_heads,
         num_key_value_heads=spec.text_kv_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=spec.max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -180,6 +181,7 @@ def save_tiny_checkpoint(folder: str | os.PathLike, spec: TinySpec = TinySpec())
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tiny_tokenizer(spec.vocab_size)
+    tokenizer.model_max_length = spec.max_positions
     model = build_tiny_llava(spec, tokenizer)
     processor = build_tiny_processor(spec, tokenizer)
     model.save_pretrained(folder)
