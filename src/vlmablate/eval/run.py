@@ -126,7 +126,8 @@ def letter_scores(model, processor, items: list[Item], letters_of: list[list[str
             extra = torch.tensor(head + prefix, device=device).expand(len(idx), -1)
             inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
-        logprobs = model(**inputs).logits[:, -1, :].float().log_softmax(-1).cpu()
+        # Only the last position's logits: a 7B model's full logits are vocab × length floats per row.
+        logprobs = model(**inputs, logits_to_keep=1).logits[:, -1, :].float().log_softmax(-1).cpu()
         next_logprobs.setdefault(prefix, []).extend(logprobs)
     scores = []
     for i, letters in enumerate(letters_of):
