@@ -22,7 +22,9 @@ Time on one H100/H200 (estimated, not yet measured): building and saving the mod
 ~50 s (start-up, loading and quantizing 14 GB, 10 steps); the full fine-tune ~1.5 min, since its run writes
 the whole model twice (the last checkpoint with its 8-bit optimizer states, ~28 GB, and final/, 14 GB); the
 DDP run ~1 min. About 6 minutes in all, within the issue's 8. Disk: up to ~56 GB at once (the random
-checkpoint plus the full fine-tune's run directory); each run directory is removed once its summary is read.
+checkpoint plus the full fine-tune's run directory); each run directory is removed once its summary is read, a
+cell whose run directory would not fit on the disk is refused before it starts, and a model left in `--work` by
+an earlier check is used again.
 """
 
 from __future__ import annotations
@@ -117,11 +119,15 @@ def llava_config(shape: str, tokenizer):
 
 
 def build_checkpoint(folder: Path, shape: str, device: str) -> Path:
-    """A checkpoint folder of `shape` with random bf16 weights (initialised on `device`) and the tiny processor."""
+    """A checkpoint folder of `shape` with random bf16 weights (initialised on `device`) and the tiny processor;
+    one left complete in `--work` by an earlier check is used again."""
     from transformers import LlavaForConditionalGeneration
 
     from vlmablate.model.tiny import TinySpec, build_tiny_processor, train_tiny_tokenizer
 
+    done = folder / "gpu_check_shape.json"  # written last: the folder is complete
+    if done.exists() and json.loads(done.read_text()) == {"shape": shape}:
+        return folder
     tokenizer = train_tiny_tokenizer()
     config = llava_config(shape, tokenizer)
     tokenizer.model_max_length = config.text_config.max_position_embeddings
@@ -132,6 +138,7 @@ def build_checkpoint(folder: Path, shape: str, device: str) -> Path:
     processor = build_tiny_processor(TinySpec(image_size=vision.image_size, patch_size=vision.patch_size), tokenizer)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    done.write_text(json.dumps({"shape": shape}))
     del model
     if device == "cuda":
         torch.cuda.empty_cache()  # the cells run in their own processes and need the whole GPU
@@ -236,9 +243,17 @@ def last_checkpoint_gib(run_dir: Path) -> float:
     return round(sum(f.stat().st_size for f in folders[-1].rglob("*") if f.is_file()) / 2**30, 2)
 
 
+def run_dir_gib(memory: dict) -> float:
+    """Disk a run directory takes, from plan's terms: the trainable weights twice (last checkpoint, final/), as
+    large as their gradients (`lora_and_grads` bounds them), the optimizer states once, and 1 GiB to spare."""
+    return round(2 * memory["lora_and_grads"] + memory["optimizer"] + 1.0, 2)
+
+
 def cell_result(cell: str, plan: dict, summary: dict, *, measured_memory: bool, optim: str) -> dict:
     """One row: the run's counts, rates and peak memory beside plan's estimate."""
     memory = plan["memory_gib"]
+    # bitsandbytes pages the states of tensors of 10^5 elements and more; those of the others (biases, norms,
+    # LoRA's rank-16 factors of 4096-wide layers: < 0.05 GiB at 7B) stay in PyTorch's allocator and count
     paged = memory["optimizer"] if optim.startswith("paged_") else 0.0
     row = {"cell": cell, "quant": plan["quant"], "status": summary.get("status"), "error": summary.get("error"),
            "plan_trainable": plan["params"]["trainable"]["total"], "plan_gib": memory["total"],
@@ -271,7 +286,12 @@ def measure_cell(cell: str, paths: dict, args: argparse.Namespace, gpus: list[st
     except Exception as exc:  # noqa: BLE001 - a row that says why, and the other cells still run
         return {"cell": cell, "quant": cfg.quant.mode, "status": "failed", "error": f"plan: {exc!r}", "steps": None}
     run_dir = paths["work"] / "runs" / cell
-    summary = train(run_dir, overrides, gpus[:1])
+    need, free = run_dir_gib(plan["memory_gib"]), shutil.disk_usage(paths["work"]).free / 2**30
+    if need > free:  # refused now rather than failing after the model has loaded and trained
+        summary = {"status": "failed", "error": f"its run directory needs ~{need:.1f} GiB of disk (checkpoint, "
+                                                f"optimizer states, final/), {free:.1f} GiB free in {paths['work']}"}
+    else:
+        summary = train(run_dir, overrides, gpus[:1])
     row = cell_result(cell, plan, summary, measured_memory=args.device == "cuda", optim=cfg.train.optim)
     row["plan_mfu"], row["last_checkpoint_gib"] = cfg.plan.mfu, last_checkpoint_gib(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)  # the full fine-tune's run directory holds ~42 GB at 7B

@@ -4,6 +4,7 @@ and the whole check on a tiny llava-1.5-shaped model through the runner."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -82,6 +83,20 @@ def test_the_7b_shape_is_llava_15_7b_with_the_tiny_tokenizers_ids():
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     assert sum(p.numel() for p in model.parameters()) == 7_063_427_072  # llava-hf/llava-1.5-7b-hf's count
+
+
+def test_a_cell_short_of_disk_is_refused_before_it_loads_anything(monkeypatch, tmp_path):
+    # plan on llava-1.5-7b's shipped config: the full fine-tune's run directory holds its 13.13 GiB of bf16
+    # weights twice and 13.13 GiB of 8-bit optimizer states
+    monkeypatch.setattr(gpu_check.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, 30 * 2**30))
+    monkeypatch.setattr(gpu_check, "train", lambda *a: pytest.fail("a refused cell must not train"))
+    paths = {"checkpoint": "llava-hf/llava-1.5-7b-hf", "data": tmp_path / "records.json", "work": tmp_path,
+             "max_length": None}
+    row = gpu_check.measure_cell("full", paths, gpu_check.parse_args([]), ["0"])
+    assert (row["status"], row["quant"], row["plan_trainable"], row["plan_gib"], row["paged_optimizer_gib"]) == \
+        ("failed", "none", 7_050_828_800, 45.13, 13.13)
+    assert row["error"] == (f"its run directory needs ~40.4 GiB of disk (checkpoint, optimizer states, final/), "
+                            f"30.0 GiB free in {tmp_path}")
 
 
 def _plan(quant: str, trainable: int, total_gib: float, optimizer_gib: float) -> dict:
@@ -223,6 +238,9 @@ def test_the_tiny_check_trains_every_cell_on_the_cpu_through_the_runner(tmp_path
 def test_on_cuda_a_cell_runs_in_its_own_process_and_leaves_the_summary_the_check_reads(tmp_path):
     # The GPU path's launcher, run on the CPU: `python -m vlmablate` with the cell's overrides and hydra.run.dir.
     checkpoint = gpu_check.build_checkpoint(tmp_path / "model", "tiny", "cpu")
+    weights = (checkpoint / "model.safetensors").stat().st_mtime_ns
+    assert gpu_check.build_checkpoint(tmp_path / "model", "tiny", "cpu") == checkpoint  # a second check reuses it
+    assert (checkpoint / "model.safetensors").stat().st_mtime_ns == weights
     data = gpu_check.write_data(tmp_path / "data", 4, 56, 128)
     overrides = gpu_check.cell_overrides("frozen_lora", checkpoint, data, tmp_path, steps=1, device="cpu",
                                          max_length=128)
