@@ -16,11 +16,8 @@ from typing import Any, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from vlmablate.errors import ConfigError  # its own module: projector_io raises it without importing config
 from vlmablate.eval.extract import DEFAULT_EXTRACTION, EXTRACTIONS
-
-
-class ConfigError(ValueError):
-    """A composed config that cannot run; the message says what to change."""
 
 
 @dataclass
@@ -560,9 +557,8 @@ def _validate_projector_lineage(cfg: RunConfig) -> None:
                 "to train a fresh projector without alignment"
             )
         return
-    from vlmablate.model.projector_io import (
-        read_projector_meta,  # light: reads JSON only
-    )
+    # Imported here: projector_io brings torch, which no other rule needs.
+    from vlmablate.model.projector_io import read_projector_meta
 
     meta_path = Path(path)
     if not meta_path.exists():

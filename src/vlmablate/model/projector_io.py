@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmablate.config import ConfigError
+from vlmablate.errors import ConfigError
 
 PROJECTOR_WEIGHTS = "mm_projector.safetensors"
 PROJECTOR_META = "projector.json"
