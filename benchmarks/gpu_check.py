@@ -15,8 +15,11 @@ ids are set to the tokenizer's.
 
 Printed: one row per cell (trainable parameters; peak memory, `torch.cuda.max_memory_allocated`, against
 `plan`'s estimate; tokens/s and MFU against the GPU table's peak, from the run's summary.json), then DDP over
-NCCL on two GPUs against one (where two are visible), then a verdict per target. `--out` writes it all as
-JSON. Without CUDA it prints SKIP_MESSAGE and exits 0.
+NCCL on two GPUs against one (where two are visible), then a verdict per target: every cell trains; plan's
+trainable count is the runner's; peak memory within MEMORY_BAND of the estimate; MFU at least the `plan.mfu` that
+plan's time estimates assume; DDP at least DDP_TARGET times one GPU; the whole check within BUDGET_S. `--out`
+writes it all as JSON. Without CUDA it prints SKIP_MESSAGE and exits 0. On the CPU (`--device cpu`, tiny only)
+the cells run in this process, with torch's AdamW, and no memory or MFU target is judged: it checks the script.
 
 Time on one H100/H200 (estimated, not yet measured): building and saving the model ~1 min; each QLoRA cell
 ~50 s (start-up, loading and quantizing 14 GB, 10 steps); the full fine-tune ~1.5 min, since its run writes
