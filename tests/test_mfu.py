@@ -137,6 +137,24 @@ def test_sample_shapes_read_real_lengths_and_crops():
     assert sample_shapes(inputs, nxt) == [(4, 3), (3, 0), (5, 5)]
 
 
+def test_training_time_ends_with_the_last_step_not_the_checkpoint_after_it(monkeypatch):
+    """Trainer writes its last checkpoint after the last step's callbacks; that write is not training time."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from vlmablate.train import trainer as trainer_mod
+
+    clock = iter([10.0, 11.0, 12.5, 99.0])  # train begins, step 1 ends, step 2 ends, train ends (after saving)
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: next(clock))
+    timer, control = trainer_mod.TrainTimer(), TrainerControl()
+    timer.on_train_begin(None, SimpleNamespace(global_step=0, max_steps=2), control)
+    for step in (1, 2):
+        timer.on_step_end(None, SimpleNamespace(global_step=step, max_steps=2), control)
+    timer.on_train_end(None, SimpleNamespace(global_step=2, max_steps=2), control)
+    assert timer.seconds == 2.5 and control.should_log
+
+
 # --- a real run ------------------------------------------------------------------------------------------------
 
 
