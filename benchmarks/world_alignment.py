@@ -36,7 +36,7 @@ from vlmablate.config import QuantConfig, cache_root, register_configs
 from vlmablate.model.load import load_model
 from vlmablate.model.plan import resolve_plan
 from vlmablate.model.projector_io import load_projector
-from vlmablate.train.runner import prepare_model
+from vlmablate.train.runner import prepare_model, run
 from vlmablate.train.stages import compose_config, ensure_stage1
 from vlmablate.world.board import ATTRIBUTE_VALUES, ATTRIBUTES, EMPTY, N_CELLS, embed_inputs
 from vlmablate.world.build import ensure_world
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, _ = compose_config(["train.progress=false", *overrides])
     plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage, lr_scale=cfg.train.lr_scale)
     model_cfg = prepare_model(cfg, plan)
-    stage1 = ensure_stage1(["train.progress=false", *overrides], cfg.model.stage1_data, cache_root(cfg.data.cache_dir))
+    stage1 = ensure_stage1(["train.progress=false", *overrides], cfg.model.stage1_data, cache_root(cfg.data.cache_dir),
+                           run=run)
     loaded = load_model(model_cfg, projector_type=plan.projector_type, quant=QuantConfig(mode="none"),
                         skip_modules=[], compute_dtype=torch.float32)
     load_projector(loaded.model, stage1["projector"], projector_type=plan.projector_type)

@@ -34,7 +34,7 @@ from vlmablate.eval.run import chat_prompt
 from vlmablate.model.load import load_model
 from vlmablate.model.plan import resolve_plan
 from vlmablate.model.projector_io import load_projector
-from vlmablate.train.runner import prepare_model
+from vlmablate.train.runner import prepare_model, run
 from vlmablate.train.stages import compose_config, ensure_stage1
 from vlmablate.world import language
 from vlmablate.world.data import SHORT_ANSWER_PROMPT
@@ -165,7 +165,7 @@ def main() -> None:
     stage1 = None
     if args.projector == "stage1":
         stage1 = ensure_stage1(["train.progress=false", *overrides], cfg.model.stage1_data,
-                               cache_root(cfg.data.cache_dir))["projector"]
+                               cache_root(cfg.data.cache_dir), run=run)["projector"]
     curves = {}
     for name in args.lms.split(","):
         if name not in ("world", "fresh"):

@@ -44,13 +44,11 @@ from vlmablate.train.artifacts import export_merged, write_json_atomic
 from vlmablate.train.audit import GradientAudit
 from vlmablate.train.checkpoints import resolve_resume
 from vlmablate.train.mfu import Peak, device_peak, mfu_report, model_shapes
-from vlmablate.train.stages import ensure_stage1, learning_config
+from vlmablate.train.stages import PACKAGE_CONF, ensure_stage1, learning_config
 from vlmablate.train.trainer import VlmTrainer
 from vlmablate.world.build import ensure_world
 
 log = logging.getLogger(__name__)
-
-PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def compute_dtype(cfg: RunConfig) -> torch.dtype:
@@ -220,7 +218,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
         projector_path, stage1 = cfg.model.pretrained_projector, None
         if projector_path == AUTO:  # only a stage that starts from stage-1 weights looks for them
             if cfg.stage.requires_pretrained_projector:
-                stage1 = ensure_stage1(list(overrides), cfg.model.stage1_data, cache_root(cfg.data.cache_dir))
+                stage1 = ensure_stage1(list(overrides), cfg.model.stage1_data, cache_root(cfg.data.cache_dir), run=run)
                 projector_path = stage1["projector"]
             else:
                 projector_path = None

@@ -5,6 +5,9 @@ quantization and train preset on `model.stage1_data`, hashes its resolved config
 run cached under that hash, or trains it once under a file lock (two cells starting together train
 it once). LLaVA users pass `--pretrain_mm_mlp_adapter PATH` by hand; this keeps the path and the
 config that made it together.
+
+Stage 1 is trained by the runner, which in turn calls `ensure_stage1`: the runner passes itself in
+(`run=`), so this module never imports it.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ import contextlib
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 from filelock import FileLock
 
-from vlmablate.config import config_hash
+from vlmablate.config import config_hash, to_run_config
 from vlmablate.train import distributed as dist
 
 log = logging.getLogger(__name__)
+
+PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
 
 # Overrides that belong to the stage-2 cell and must not leak into its stage-1 run.
 # `cell` picks vision and freeze; `train.seed` is a sweep's repeat axis: stage 1 is shared by every cell
@@ -38,9 +44,6 @@ def compose_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
-
-    from vlmablate.config import to_run_config
-    from vlmablate.train.runner import PACKAGE_CONF
 
     if GlobalHydra.instance().is_initialized():
         cfg = compose(config_name="config", overrides=overrides)
@@ -71,10 +74,12 @@ def learning_config(composed: dict) -> dict:
     return out
 
 
-def ensure_stage1(overrides: list[str], stage1_data: str, cache_root: Path) -> dict:
-    """The stage-1 projector for this cell: {"projector", "run_dir", "hash", "reused"}."""
-    from vlmablate.train.runner import run
+def ensure_stage1(overrides: list[str], stage1_data: str, cache_root: Path, *, run: Callable[..., dict]) -> dict:
+    """The stage-1 projector for this cell: {"projector", "run_dir", "hash", "reused", "overrides"}.
 
+    `run` trains stage 1 when it is not cached, called as `run(cfg, run_dir, composed=..., overrides=...)`
+    (the runner's `run`).
+    """
     align_overrides = stage1_overrides(overrides, stage1_data)
     cfg, composed = compose_config(align_overrides)
     material = learning_config(composed)
