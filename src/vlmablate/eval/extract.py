@@ -1,7 +1,7 @@
 """Answer extraction without an LLM judge: VLMEvalKit's exact matching (`can_infer`), pinned to a named revision.
 
 VLMEvalKit has changed its heuristic over time, and the revisions disagree on free-form replies, so
-`eval.extraction` names the revision whose rule is followed (README: Evaluation). What every revision
+`eval.extraction` names the revision whose rule is followed (docs/evaluation.md). What every revision
 does, in order, for a reply and the question's *present* options:
 
 1. A reply containing "Failed to obtain answer via API" skips every letter rule (steps 2-4).

@@ -79,7 +79,7 @@ def shipped_config() -> ComponentsConfig:
             # about, the answer looks at the option that holds, and the option tokens read out as letters.
             attend=lm.attend + ("1.1:option>letter", "2.1:option>key", "3.1:answer>option"), letter_readout=1.0,
             # Counting is the LM-side gap: no reading document asks "how many" (captions still say "three
-            # shapes: ..."), so only a run that trains the LM learns to answer it (README: the tiny world).
+            # shapes: ..."), so only a run that trains the LM learns to answer it (docs/tiny_world.md).
             reading=ReadingConfig(kinds=tuple(k for k in language.CATEGORIES if k != "counting"),
                                   formats=("short", "choice"), curriculum_steps=700)))
 
