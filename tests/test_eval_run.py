@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import compose_run
 from transformers import AutoProcessor
 
 from vlmablate.config import ConfigError, EvalConfig, validate
@@ -18,8 +19,6 @@ from vlmablate.eval.mmbench import read_mmbench_tsv
 from vlmablate.eval.suite import run_eval
 from vlmablate.model.tiny import TinySpec, save_tiny_checkpoint
 from vlmablate.world.build import ensure_world_data
-
-from conftest import compose_run
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +177,34 @@ def test_likelihood_scores_equal_a_single_sequence_forward(tiny, world_files):
     for b, a in zip(batched, alone):
         assert b.keys() == a.keys()
         assert all(abs(b[k] - a[k]) < 1e-4 for k in b)
+
+
+def test_likelihood_reads_a_multi_token_letter_in_the_same_forward(tiny, world_files, monkeypatch):
+    """The tiny tokenizer spells ` D` in two tokens: its first token is appended to the prompt and the two
+    positions' scores come from that one forward, equal to summing log-probabilities along each reply."""
+    import torch
+
+    model, processor = tiny
+    conts = eval_run.letter_continuations(processor, list("ABCD"))
+    assert [len(conts[k]) for k in "ABCD"] == [1, 1, 1, 2]
+    questions = [q for q in read_mmbench_tsv(world_files["bench_tsv"]) if len(q.copies) == 4][:2]
+    items, meta = eval_run.mmbench_items(questions, processor)
+    letters = [list(c.options) for _, c in meta]
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(k["input_ids"].shape) or forward(*a, **k))
+    scores = eval_run.letter_scores(model, processor, items, letters, batch_size=4)
+    assert len(calls) == 2  # 8 copies in batches of 4, one forward each
+    monkeypatch.undo()
+    for item, row in zip(items[:2], scores[:2]):
+        inputs = eval_run._encode(processor, [eval_run._bos(processor, item.prompt)], [item.image], "cpu")
+        for letter in "ABCD":
+            ids = torch.cat([inputs["input_ids"], torch.tensor([conts[letter]])], dim=1)
+            with torch.no_grad():
+                logprobs = model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0].log_softmax(-1)
+            n = inputs["input_ids"].shape[1]
+            expected = sum(float(logprobs[n - 1 + j, tok]) for j, tok in enumerate(conts[letter]))
+            assert row[letter] == pytest.approx(expected, abs=1e-4), letter  # no token is common to all four
 
 
 def test_blank_image_baseline_uses_the_mean_colour(tiny, world_files):

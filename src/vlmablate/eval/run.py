@@ -104,31 +104,36 @@ def letter_scores(model, processor, items: list[Item], letters_of: list[list[str
                   progress: bool = False) -> list[dict[str, float]]:
     """Log-probability of each option letter's reply (` A`, as the chat template spells it) after the prompt.
 
-    A letter may be one token or several (` A` one token, ` B` a space then `B` in a small BPE). The
-    replies form a little tree of token prefixes; one batched forward per distinct prefix reads the
-    next-token scores of every item at once, and a letter's score is the sum along its path. Tokens
-    shared by every letter add the same amount to each and are skipped. With single-token letters
-    (the usual case for real tokenizers) that is one batched forward in all.
+    A letter may be one token or several (` A` one token, ` D` a space then `D` in a small BPE). The
+    replies form a little tree of token prefixes. Each forward appends one longest path of that tree to
+    every prompt and reads the next-token scores at each of its positions, so a path's prefixes come
+    from the same forward; a letter's score is the sum along its path. Tokens shared by every letter add
+    the same amount to each and are skipped. With single-token letters (the usual case for real
+    tokenizers) that is one batched forward in all, and one per extra branch of the tree otherwise.
     """
     device = next(model.parameters()).device
     letters_all = sorted({letter for letters in letters_of for letter in letters})
     conts = letter_continuations(processor, letters_all)
     shared = _common_prefix(list(conts.values()))
-    prefixes = sorted({tuple(c[shared:shared + j]) for c in conts.values() for j in range(len(c) - shared)},
-                      key=len)
-    next_logprobs: dict[tuple, list[torch.Tensor]] = {}
     head = tuple(conts[letters_all[0]][:shared])
-    steps = [(prefix, idx) for prefix in prefixes for idx in _batches(list(range(len(items))), batch_size)]
-    for prefix, idx in tqdm(steps, desc="likelihood", disable=not progress):
+    prefixes = {tuple(c[shared:shared + j]) for c in conts.values() for j in range(len(c) - shared)}
+    paths = sorted(p for p in prefixes if not any(len(q) > len(p) and q[:len(p)] == p for q in prefixes))
+    next_logprobs: dict[tuple, list[torch.Tensor]] = {}
+    steps = [(path, idx) for idx in _batches(list(range(len(items))), batch_size) for path in paths]
+    for path, idx in tqdm(steps, desc="likelihood", disable=not progress):
         inputs = _encode(processor, [_bos(processor, items[i].prompt) for i in idx], [items[i].image for i in idx],
                          device)
-        if head + prefix:  # the same tokens go after every row, so left padding stays valid
-            extra = torch.tensor(head + prefix, device=device).expand(len(idx), -1)
+        if head + path:  # the same tokens go after every row, so left padding stays valid
+            extra = torch.tensor(head + path, device=device).expand(len(idx), -1)
             inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
-        # Only the last position's logits: a 7B model's full logits are vocab × length floats per row.
-        logprobs = model(**inputs, logits_to_keep=1).logits[:, -1, :].float().log_softmax(-1).cpu()
-        next_logprobs.setdefault(prefix, []).extend(logprobs)
+        # Only the path's positions: a 7B model's full logits are vocab × length floats per row.
+        logits = model(**inputs, logits_to_keep=len(path) + 1).logits[:, -(len(path) + 1):, :]
+        logprobs = logits.float().log_softmax(-1).cpu()
+        for k in range(len(path) + 1):
+            prefix = path[:k]
+            if len(next_logprobs.get(prefix, ())) < idx[-1] + 1:  # a prefix two paths share: read once
+                next_logprobs.setdefault(prefix, []).extend(logprobs[:, k])
     scores = []
     for i, letters in enumerate(letters_of):
         row = {}
