@@ -1,4 +1,8 @@
-"""One run, top to bottom: validate → plan → load → apply plan → data → train → save → summary.json."""
+"""One run, top to bottom: validate → plan → stage 1 → load → data → W&B → train → save → evaluate → summary.
+
+`run` calls one function per step, in that order; `RunRecord` keeps what each step found, and
+`summary_of` assembles summary.json from it in one place (also for a run that stops part way).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import os
 import resource
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -186,42 +190,71 @@ def _data_report(dataset: MixedDataset, cfg: RunConfig) -> dict:
             "sampler": cfg.stage.sampler, "on_bad_sample": cfg.data.on_bad_sample, "preflight": report}
 
 
+@dataclass
+class LoadedCell:
+    """The model with its plan applied, and what the trainer and the summary need to know about it."""
+
+    model: torch.nn.Module
+    processor: object
+    plan: FreezePlan
+    table: dict  # parameter counts per component (`parameter_table`)
+    lineage: dict  # where the weights came from: checkpoint, stage-1 projector and run
+    flop_shapes: object  # `model_shapes`, read before Trainer wraps the model
+    no_flops: str | None  # why FLOPs cannot be counted, if they cannot
+
+
+@dataclass
+class Trained:
+    """What `train_cell` reports: the summary's `train` section and the records only encoding found bad,
+    or the step SIGTERM stopped at (and nothing else)."""
+
+    stopped_at: int | None = None
+    section: dict | None = None
+    encode_failures: dict | None = None  # bad_at_encode (counts by reason), bad_at_encode_examples
+
+
+@dataclass
+class RunRecord:
+    """What the steps of one run found so far; `summary_of` turns it into summary.json. A run that
+    stops part way still writes its summary, holding what the steps before the failure found."""
+
+    run_dir: Path
+    config_hash: str | None
+    seed: int
+    cell: dict
+    world_size: int
+    status: str = "failed"
+    loaded: LoadedCell | None = None
+    data: dict | None = None
+    determinism: dict | None = None
+    interrupted_at_step: int | None = None
+    trained: Trained | None = None
+    data_order: dict | None = None
+    artifacts: dict | None = None
+    eval: dict | None = None
+    error: str | None = None
+
+
 def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, overrides: list[str] = ()) -> dict:
     """Train one cell; write `summary.json` into `run_dir` whatever happens; return the summary.
 
     Under torchrun every rank calls this with the same `run_dir`; rank 0 alone writes into it.
     """
     main = dist.is_main()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        cfg = replace(cfg, train=replace(cfg.train, progress=False))
-    hydra_config = run_dir / ".hydra" / "config.yaml"
-    if main and composed is not None and not hydra_config.exists():  # called in-process, not through Hydra
-        hydra_config.parent.mkdir(exist_ok=True)
-        OmegaConf.save(OmegaConf.create(composed), hydra_config)
-    # Logging settings do not change what a cell learns: turning W&B on does not rerun a finished sweep.
-    digest = config_hash(learning_config(composed)) if composed is not None else None
+    cfg = open_run_dir(cfg, run_dir, composed)
+    digest = learning_hash(composed)
     done = dist.broadcast(completed_summary(run_dir, digest))
     if done is not None:  # a sweep run again: this cell already finished with this very config
         log.info("%s already completed with this config (hash %s): skipped", run_dir, digest)
         return done
-    summary: dict = {"status": "failed", "run_dir": str(run_dir), "config_hash": digest, "seed": cfg.train.seed,
-                     "cell": {"name": cfg.cell.name, "label": cfg.cell.label}, "world_size": dist.world_size()}
+    record = RunRecord(run_dir=run_dir, config_hash=digest, seed=cfg.train.seed, world_size=dist.world_size(),
+                       cell={"name": cfg.cell.name, "label": cfg.cell.label})
     wandb_run = None
     try:
-        validate(cfg, overrides)
-        check_benchmark_files(cfg.eval)  # a broken benchmark file fails now, not after training
+        validate_cell(cfg, overrides)
         resume = resolve_resume(cfg.train.resume, run_dir / "checkpoints")
-        plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage,
-                            lr_scale=cfg.train.lr_scale)
-        projector_path, stage1 = cfg.model.pretrained_projector, None
-        if projector_path == AUTO:  # only a stage that starts from stage-1 weights looks for them
-            if cfg.stage.requires_pretrained_projector:
-                stage1 = ensure_stage1(list(overrides), cfg.model.stage1_data, cache_root(cfg.data.cache_dir), run=run)
-                projector_path = stage1["projector"]
-            else:
-                projector_path = None
+        plan = plan_of(cfg)
+        projector_path, stage1 = find_stage1(cfg, overrides)
         model_cfg = prepare_model(cfg, plan)
         # After stage 1 (which made its own) and before the model loads: under DeepSpeed ZeRO-3,
         # from_pretrained partitions the weights as it reads them only while these arguments live.
@@ -230,109 +263,216 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
         # Seeded right before anything draws random numbers (LoRA's initial weights among them): a
         # cell's result must not depend on what ran before it in the process, such as its stage 1.
         set_seed(cfg.train.seed)
-        model, processor, lineage = load_cell_model(cfg, model_cfg, plan, projector_path)
-        lineage["stage1"] = stage1
-        flop_shapes, no_flops = model_shapes(model)  # before Trainer hands the model to DDP / DeepSpeed / FSDP
-        table = parameter_table(model, plan)
-        log.info("freeze plan (stage=%s, quant=%s):\n%s", cfg.stage.name, cfg.quant.mode, format_table(table, plan))
-        summary.update(params=table, plan=plan.to_dict(), lineage=lineage)
-
-        dataset = build_dataset(cfg.data, processor=processor, template=cfg.stage.template,
-                                max_length=cfg.model.max_length, image_aspect=image_aspect_of(cfg),
-                                cache_dir=cache_root(cfg.data.cache_dir), image_size=image_size_of(processor),
-                                image_tokens=image_tokens_of(model), world=cfg.world, progress=cfg.train.progress)
-        summary["data"] = _data_report(dataset, cfg)
-        if not plan.llm.trainable:
-            # Nothing a text-only sample passes through trains (the vision tower and the projector only
-            # see images): such a batch has no gradient at all, so those samples are left out.
-            summary["data"]["text_only_left_out"] = dropped = dataset.keep_images_only()
-            summary["data"]["records_in_mix"] = len(dataset)
-            if dropped:
-                log.info("LLM frozen: %d text-only samples left out (no trainable parameter sees them)", dropped)
-            if len(dataset) == 0:
-                raise DataError(f"data={cfg.data.name} has no image samples, and with the LLM frozen only image "
-                                "samples reach a trainable parameter")
-        if cfg.train.ddp_find_unused_parameters is None:
-            args.ddp_find_unused_parameters = find_unused_parameters(plan, dataset.lengths)
-
-        if main:
-            wandb_run = start_wandb(cfg.logger, flat_config(composed or {}), run_dir=run_dir,
-                                    job_type=cfg.stage.name,
-                                    tags=[f"stage:{cfg.stage.name}", f"freeze:{cfg.freeze.name}",
-                                          f"vision:{cfg.vision.policy}", f"quant:{cfg.quant.mode}",
-                                          f"cell:{cfg.cell.name}"])
-        plan_record = {"config": composed, "plan": plan.to_dict(), "params": table, "lineage": lineage}
-        trainer = VlmTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            data_collator=LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id),
-            processing_class=processor,
-            plan=plan,
-            plan_record=plan_record,
-            sampler=cfg.stage.sampler,
-            lengths=dataset.lengths,
-            bad_budget=(summary["data"]["records"], summary["data"]["bad"], cfg.data.max_bad_fraction),
-            record_data_order=cfg.train.record_data_order,
-            checkpoint_on_sigterm=cfg.train.checkpoint_on_sigterm,
-        )
-        summary["determinism"] = determinism_record(cfg, args)
-        audit = None
-        if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
-            # DeepSpeed and FSDP keep gradients in their own partitions: `p.grad` tells nothing there.
-            audit = GradientAudit(step_had_images=lambda: trainer.timer.images_in_step > 0)
-            trainer.add_callback(audit)
-        peak = device_peak(cfg.train.peak_tflops, args.device, cache_root(cfg.data.cache_dir)) if main else None
-        start = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        wall = time.perf_counter() - start
-        if trainer.sigterm is not None and trainer.sigterm.stopped_at is not None:
-            step = trainer.sigterm.stopped_at
-            summary["status"] = "interrupted"
-            summary["interrupted_at_step"] = step
+        record.loaded = loaded = load_cell(cfg, model_cfg, plan, projector_path, stage1)
+        dataset, record.data = build_data(cfg, loaded)
+        require_trainable_samples(cfg, plan, dataset)
+        wandb_run = start_tracking(cfg, composed, run_dir) if main else None
+        trainer = make_trainer(cfg, args, loaded, dataset, record.data, composed)
+        record.determinism = determinism_record(cfg, args)
+        trained = train_cell(cfg, trainer, args, loaded, resume)
+        if (step := trained.stopped_at) is not None:
+            record.status, record.interrupted_at_step = "interrupted", step
             raise Interrupted(f"stopped by SIGTERM at step {step}; checkpoint {args.output_dir}/checkpoint-{step} "
                               "is complete: run again with train.resume=auto to continue")
-
-        summary["train"] = _train_summary(trainer, output.metrics, wall, flop_shapes=flop_shapes, peak=peak,
-                                          no_flops=no_flops)
-        summary["train"]["resumed_from"] = str(resume) if resume else None
-        summary["train"]["gradient_audit"] = audit.report if audit else {
-            "skipped": "DeepSpeed / FSDP hold gradients in their own partitions"}
-        summary["data"]["bad_at_encode"] = summary["train"].pop("bad_at_encode")
-        summary["data"]["bad_at_encode_examples"] = summary["train"].pop("bad_at_encode_examples")
-        # every bad record of the run once: what the scan found plus what only encoding found
-        summary["data"]["bad_total"] = summary["data"]["bad"] + sum(summary["data"]["bad_at_encode"].values())
+        record.trained = trained
         if trainer.data_order is not None:
-            summary["train"]["data_order"] = _write_data_order(trainer, run_dir)
+            record.data_order = _write_data_order(trainer, run_dir)
         trainer.save_model(str(run_dir / "final"))  # every rank: ZeRO-3 gathers before rank 0 writes
         if not main:
-            return summary
-        artifacts = trainer.saved_artifacts
-        if cfg.train.export_merged and plan.uses_lora:
-            artifacts["merged"] = export_merged(lineage["checkpoint"], run_dir / "final" / "merged",
-                                                run_dir / "final")
-        summary["artifacts"] = {"checkpoint": str(run_dir / "final"), "projector": artifacts.get("projector"),
-                                **artifacts}
-        if cfg.eval.name != "none" and dist.is_distributed() and (is_deepspeed_zero3_enabled()
-                                                                  or trainer.is_fsdp_enabled):
-            # The weights are sharded over the ranks, and every forward needs all of them: rank 0 alone
-            # cannot evaluate. The saved run is evaluated in one process afterwards.
-            summary["eval"] = {"skipped": f"weights sharded over {dist.world_size()} ranks; evaluate the saved run "
-                                          f"with: python -m vlmablate.eval run_dir={run_dir} eval={cfg.eval.name}"}
-            log.warning("evaluation skipped: %s", summary["eval"]["skipped"])
-        else:
-            summary["eval"], samples = run_eval(cfg.eval, trainer.model, processor, run_dir / "eval",
-                                                world=cfg.world, progress=cfg.train.progress)
-            log_predictions(wandb_run, samples, cfg.eval.wandb_samples)
-        summary["status"] = "completed"
-        return summary
+            return summary_of(record)
+        record.artifacts = export_artifacts(cfg, trainer, loaded, run_dir)
+        record.eval = evaluate(cfg, trainer, loaded.processor, run_dir, wandb_run)
+        record.status = "completed"
+        return summary_of(record)
     except Exception as exc:
-        summary["error"] = f"{type(exc).__name__}: {exc}"
+        record.error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
         if main:
+            summary = summary_of(record)
             write_json_atomic(run_dir / "summary.json", summary)
             finish_wandb(wandb_run, summary)
+
+
+def summary_of(r: RunRecord) -> dict:
+    """summary.json: the run's identity, then the section of every step that finished, in the steps' order."""
+    summary = {"status": r.status, "run_dir": str(r.run_dir), "config_hash": r.config_hash, "seed": r.seed,
+               "cell": r.cell, "world_size": r.world_size}
+    if r.loaded is not None:
+        summary.update(params=r.loaded.table, plan=r.loaded.plan.to_dict(), lineage=r.loaded.lineage)
+    if r.data is not None:
+        summary["data"] = r.data
+    if r.determinism is not None:
+        summary["determinism"] = r.determinism
+    if r.interrupted_at_step is not None:
+        summary["interrupted_at_step"] = r.interrupted_at_step
+    if r.trained is not None:
+        failures = r.trained.encode_failures
+        # every bad record of the run once: what the scan found plus what only encoding found
+        summary["data"] = {**r.data, **failures,
+                           "bad_total": r.data["bad"] + sum(failures["bad_at_encode"].values())}
+        summary["train"] = r.trained.section if r.data_order is None else {**r.trained.section,
+                                                                            "data_order": r.data_order}
+    for key in ("artifacts", "eval", "error"):
+        if getattr(r, key) is not None:
+            summary[key] = getattr(r, key)
+    return summary
+
+
+# --- the steps of `run`, in order -------------------------------------------------------------------
+
+
+def open_run_dir(cfg: RunConfig, run_dir: Path, composed: dict | None) -> RunConfig:
+    """Rank 0 creates the run directory (with the composed config when called in-process, not through
+    Hydra); the other ranks write nothing there and show no progress bars."""
+    if not dist.is_main():
+        return replace(cfg, train=replace(cfg.train, progress=False))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    hydra_config = run_dir / ".hydra" / "config.yaml"
+    if composed is not None and not hydra_config.exists():
+        hydra_config.parent.mkdir(exist_ok=True)
+        OmegaConf.save(OmegaConf.create(composed), hydra_config)
+    return cfg
+
+
+def learning_hash(composed: dict | None) -> str | None:
+    """The hash a finished cell is found by. Logging settings do not change what a cell learns: turning
+    W&B on does not rerun a finished sweep."""
+    return config_hash(learning_config(composed)) if composed is not None else None
+
+
+def validate_cell(cfg: RunConfig, overrides: list[str]) -> None:
+    """Every cross-field rule, and the benchmark files: a broken one fails now, not after training."""
+    validate(cfg, overrides)
+    check_benchmark_files(cfg.eval)
+
+
+def plan_of(cfg: RunConfig) -> FreezePlan:
+    """What trains, and at which learning rate, from the vision, projector, freeze, quant and stage groups."""
+    return resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage, lr_scale=cfg.train.lr_scale)
+
+
+def find_stage1(cfg: RunConfig, overrides: list[str]) -> tuple[str | None, dict | None]:
+    """The projector this cell starts from, and the stage-1 run that made it when `auto` found or trained one."""
+    path = cfg.model.pretrained_projector
+    if path != AUTO:
+        return path, None
+    if not cfg.stage.requires_pretrained_projector:  # only a stage that starts from stage-1 weights looks for them
+        return None, None
+    stage1 = ensure_stage1(list(overrides), cfg.model.stage1_data, cache_root(cfg.data.cache_dir), run=run)
+    return stage1["projector"], stage1
+
+
+def load_cell(cfg: RunConfig, model_cfg: ModelConfig, plan: FreezePlan, projector_path: str | None,
+              stage1: dict | None) -> LoadedCell:
+    """The model with its stage-1 projector and its plan applied; the per-component table logged."""
+    model, processor, lineage = load_cell_model(cfg, model_cfg, plan, projector_path)
+    flop_shapes, no_flops = model_shapes(model)  # before Trainer hands the model to DDP / DeepSpeed / FSDP
+    table = parameter_table(model, plan)
+    log.info("freeze plan (stage=%s, quant=%s):\n%s", cfg.stage.name, cfg.quant.mode, format_table(table, plan))
+    return LoadedCell(model=model, processor=processor, plan=plan, table=table, lineage={**lineage, "stage1": stage1},
+                      flop_shapes=flop_shapes, no_flops=no_flops)
+
+
+def build_data(cfg: RunConfig, loaded: LoadedCell) -> tuple[MixedDataset, dict]:
+    """The training data and its report for the summary; with the LLM frozen, its image samples only."""
+    dataset = build_dataset(cfg.data, processor=loaded.processor, template=cfg.stage.template,
+                            max_length=cfg.model.max_length, image_aspect=image_aspect_of(cfg),
+                            cache_dir=cache_root(cfg.data.cache_dir), image_size=image_size_of(loaded.processor),
+                            image_tokens=image_tokens_of(loaded.model), world=cfg.world, progress=cfg.train.progress)
+    report = _data_report(dataset, cfg)
+    if not loaded.plan.llm.trainable:
+        # Nothing a text-only sample passes through trains (the vision tower and the projector only
+        # see images): such a batch has no gradient at all, so those samples are left out.
+        report["text_only_left_out"] = dropped = dataset.keep_images_only()
+        report["records_in_mix"] = len(dataset)
+        if dropped:
+            log.info("LLM frozen: %d text-only samples left out (no trainable parameter sees them)", dropped)
+    return dataset, report
+
+
+def require_trainable_samples(cfg: RunConfig, plan: FreezePlan, dataset: MixedDataset) -> None:
+    """A frozen LLM on data without images would train nothing: fail before training starts."""
+    if not plan.llm.trainable and len(dataset) == 0:
+        raise DataError(f"data={cfg.data.name} has no image samples, and with the LLM frozen only image "
+                        "samples reach a trainable parameter")
+
+
+def start_tracking(cfg: RunConfig, composed: dict | None, run_dir: Path):
+    """Rank 0's W&B run, tagged with the cell's choices (None with logger=none)."""
+    return start_wandb(cfg.logger, flat_config(composed or {}), run_dir=run_dir, job_type=cfg.stage.name,
+                       tags=[f"stage:{cfg.stage.name}", f"freeze:{cfg.freeze.name}", f"vision:{cfg.vision.policy}",
+                             f"quant:{cfg.quant.mode}", f"cell:{cfg.cell.name}"])
+
+
+def make_trainer(cfg: RunConfig, args: TrainingArguments, loaded: LoadedCell, dataset: MixedDataset,
+                 data_report: dict, composed: dict | None) -> VlmTrainer:
+    """The Trainer over the loaded cell and its data; its checkpoints carry the config and what trained."""
+    if cfg.train.ddp_find_unused_parameters is None:
+        args.ddp_find_unused_parameters = find_unused_parameters(loaded.plan, dataset.lengths)
+    plan_record = {"config": composed, "plan": loaded.plan.to_dict(), "params": loaded.table,
+                   "lineage": loaded.lineage}
+    return VlmTrainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=LlavaCollator(pad_token_id=loaded.processor.tokenizer.pad_token_id),
+        processing_class=loaded.processor,
+        plan=loaded.plan,
+        plan_record=plan_record,
+        sampler=cfg.stage.sampler,
+        lengths=dataset.lengths,
+        bad_budget=(data_report["records"], data_report["bad"], cfg.data.max_bad_fraction),
+        record_data_order=cfg.train.record_data_order,
+        checkpoint_on_sigterm=cfg.train.checkpoint_on_sigterm,
+    )
+
+
+def train_cell(cfg: RunConfig, trainer: VlmTrainer, args: TrainingArguments, loaded: LoadedCell,
+               resume: Path | None) -> Trained:
+    """Train (from `resume` when given) with the gradient audit attached; report what training did."""
+    audit = None
+    if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+        # DeepSpeed and FSDP keep gradients in their own partitions: `p.grad` tells nothing there.
+        audit = GradientAudit(step_had_images=lambda: trainer.timer.images_in_step > 0)
+        trainer.add_callback(audit)
+    peak = device_peak(cfg.train.peak_tflops, args.device, cache_root(cfg.data.cache_dir)) if dist.is_main() else None
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall = time.perf_counter() - start
+    if trainer.sigterm is not None and trainer.sigterm.stopped_at is not None:
+        return Trained(stopped_at=trainer.sigterm.stopped_at)
+    section = _train_summary(trainer, output.metrics, wall, flop_shapes=loaded.flop_shapes, peak=peak,
+                             no_flops=loaded.no_flops)
+    failures = {key: section.pop(key) for key in ("bad_at_encode", "bad_at_encode_examples")}
+    section["resumed_from"] = str(resume) if resume else None
+    section["gradient_audit"] = audit.report if audit else {
+        "skipped": "DeepSpeed / FSDP hold gradients in their own partitions"}
+    return Trained(section=section, encode_failures=failures)
+
+
+def export_artifacts(cfg: RunConfig, trainer: VlmTrainer, loaded: LoadedCell, run_dir: Path) -> dict:
+    """Where the saved weights are (rank 0), after exporting a merged model when LoRA trained and it is asked for."""
+    artifacts = trainer.saved_artifacts
+    if cfg.train.export_merged and loaded.plan.uses_lora:
+        artifacts["merged"] = export_merged(loaded.lineage["checkpoint"], run_dir / "final" / "merged",
+                                            run_dir / "final")
+    return {"checkpoint": str(run_dir / "final"), "projector": artifacts.get("projector"), **artifacts}
+
+
+def evaluate(cfg: RunConfig, trainer: VlmTrainer, processor, run_dir: Path, wandb_run) -> dict:
+    """Rank 0 evaluates the trained model; with its weights sharded over ranks it says how to evaluate later."""
+    if cfg.eval.name != "none" and dist.is_distributed() and (is_deepspeed_zero3_enabled() or trainer.is_fsdp_enabled):
+        # The weights are sharded over the ranks, and every forward needs all of them: rank 0 alone
+        # cannot evaluate. The saved run is evaluated in one process afterwards.
+        skipped = {"skipped": f"weights sharded over {dist.world_size()} ranks; evaluate the saved run "
+                              f"with: python -m vlmablate.eval run_dir={run_dir} eval={cfg.eval.name}"}
+        log.warning("evaluation skipped: %s", skipped["skipped"])
+        return skipped
+    results, samples = run_eval(cfg.eval, trainer.model, processor, run_dir / "eval", world=cfg.world,
+                                progress=cfg.train.progress)
+    log_predictions(wandb_run, samples, cfg.eval.wandb_samples)
+    return results
 
 
 class Interrupted(RuntimeError):
@@ -469,9 +609,7 @@ def run_from_hydra(cfg: DictConfig) -> float | None:
     if summary.get("status") != "completed" or not dist.is_main():
         return None
     train, mmbench = summary["train"], summary["eval"].get("mmbench")
-    plan = resolve_plan(run_cfg.vision, run_cfg.projector, run_cfg.freeze, run_cfg.quant, run_cfg.stage,
-                        lr_scale=run_cfg.train.lr_scale)
-    log.info("what trained:\n%s", format_table(summary["params"], plan))
+    log.info("what trained:\n%s", format_table(summary["params"], plan_of(run_cfg)))
     log.info("done: %d steps in %.1f s, loss %.3f -> %.3f, %.0f tokens/s, %s TFLOP/s, MFU %s", train["steps"],
              train["wall_clock_s"], train["first_loss"], train["final_loss"], train["tokens_per_s"], train["tflops"],
              train["mfu"])
