@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import logging
 import re
 import runpy
 import shlex
@@ -348,6 +349,20 @@ def documented_plan_outputs() -> list[tuple[str, tuple[str, ...], list[str]]]:
     return out
 
 
+@contextlib.contextmanager
+def logging_kept():
+    """Hydra's entry point configures logging with `dictConfig`, which disables every logger that exists;
+    later tests read the package's log records (caplog), so the logging state is put back afterwards."""
+    loggers = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    saved = [(lg, lg.disabled, lg.level, list(lg.handlers), lg.propagate) for lg in [logging.root, *loggers]]
+    try:
+        yield
+    finally:
+        for lg, disabled, level, handlers, propagate in saved:
+            lg.disabled, lg.handlers, lg.propagate = disabled, handlers, propagate
+            lg.setLevel(level)
+
+
 def plan_output(argv: tuple[str, ...], out_dir: Path) -> list[str]:
     """What `python -m vlmablate.plan ARGS` prints, run in this process (no download: meta device)."""
     saved = sys.argv
@@ -356,7 +371,7 @@ def plan_output(argv: tuple[str, ...], out_dir: Path) -> list[str]:
     printed = io.StringIO()
     GlobalHydra.instance().clear()
     try:
-        with contextlib.redirect_stdout(printed):
+        with contextlib.redirect_stdout(printed), logging_kept():
             runpy.run_module("vlmablate.plan", run_name="__main__")
     finally:
         sys.argv = saved
