@@ -561,7 +561,7 @@ def _train_summary(trainer: VlmTrainer, metrics: dict, wall: float, *, flop_shap
     return {
         "steps": steps,
         "wall_clock_s": round(wall, 3),  # the whole trainer.train() call, set-up and checkpoints included
-        "setup_s": round(wall - training_s, 3),  # Trainer's one-time loader / optimizer / accelerator set-up
+        "setup_s": round(wall - training_s, 3),  # set-up before the first step and the last checkpoint after the last
         "tokens": tokens,
         "tokens_per_s": round(trained_now / training_s, 2) if training_s > 0 else 0.0,
         # model FLOPs per real token, achieved TFLOP/s, the device's peak and their ratio (train/mfu.py)
