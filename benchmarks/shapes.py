@@ -8,15 +8,11 @@ table holds 1,024 tokens. Built locally by `model=tiny_random`; nothing is downl
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import vlmablate
 from vlmablate.config import RunConfig, register_configs, to_run_config
-
-CONF = Path(vlmablate.__file__).resolve().parent / "conf"
+from vlmablate.train.stages import PACKAGE_CONF
 
 BIG = ["model=tiny_random", "model.max_length=1024", "model.tiny.image_size=224", "model.tiny.patch_size=14",
        "model.tiny.vision_hidden=384", "model.tiny.vision_layers=12", "model.tiny.vision_heads=6",
@@ -29,6 +25,6 @@ SHAPES = {"world": [], "big": BIG}
 def compose_run(overrides: list[str]) -> tuple[RunConfig, dict]:
     """(the run config, the composed dict the runner records) of the main config under `overrides`."""
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(PACKAGE_CONF), version_base="1.3"):
         composed = compose(config_name="config", overrides=overrides)
     return to_run_config(composed), OmegaConf.to_container(composed, resolve=True)

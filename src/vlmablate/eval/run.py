@@ -108,8 +108,8 @@ def letter_scores(model, processor, items: list[Item], letters_of: list[list[str
     replies form a little tree of token prefixes. Each forward appends one longest path of that tree to
     every prompt and reads the next-token scores at each of its positions, so a path's prefixes come
     from the same forward; a letter's score is the sum along its path. Tokens shared by every letter add
-    the same amount to each and are skipped. With single-token letters (the usual case for real
-    tokenizers) that is one batched forward in all, and one per extra branch of the tree otherwise.
+    the same amount to each and are skipped. Each batch is encoded once. With single-token letters (the
+    usual case for real tokenizers) that is one batched forward in all, and one per extra branch otherwise.
     """
     device = next(model.parameters()).device
     letters_all = sorted({letter for letters in letters_of for letter in letters})
@@ -119,21 +119,23 @@ def letter_scores(model, processor, items: list[Item], letters_of: list[list[str
     prefixes = {tuple(c[shared:shared + j]) for c in conts.values() for j in range(len(c) - shared)}
     paths = sorted(p for p in prefixes if not any(len(q) > len(p) and q[:len(p)] == p for q in prefixes))
     next_logprobs: dict[tuple, list[torch.Tensor]] = {}
-    steps = [(path, idx) for idx in _batches(list(range(len(items))), batch_size) for path in paths]
-    for path, idx in tqdm(steps, desc="likelihood", disable=not progress):
-        inputs = _encode(processor, [_bos(processor, items[i].prompt) for i in idx], [items[i].image for i in idx],
-                         device)
-        if head + path:  # the same tokens go after every row, so left padding stays valid
-            extra = torch.tensor(head + path, device=device).expand(len(idx), -1)
-            inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
-            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
-        # Only the path's positions: a 7B model's full logits are vocab × length floats per row.
-        logits = model(**inputs, logits_to_keep=len(path) + 1).logits[:, -(len(path) + 1):, :]
-        logprobs = logits.float().log_softmax(-1).cpu()
-        for k in range(len(path) + 1):
-            prefix = path[:k]
-            if len(next_logprobs.get(prefix, ())) < idx[-1] + 1:  # a prefix two paths share: read once
-                next_logprobs.setdefault(prefix, []).extend(logprobs[:, k])
+    for idx in tqdm(list(_batches(list(range(len(items))), batch_size)), desc="likelihood", disable=not progress):
+        encoded = _encode(processor, [_bos(processor, items[i].prompt) for i in idx], [items[i].image for i in idx],
+                          device)
+        read = set()  # prefixes this batch has scores for (two paths can share one)
+        for path in paths:
+            inputs = dict(encoded)
+            if head + path:  # the same tokens go after every row, so left padding stays valid
+                extra = torch.tensor(head + path, device=device).expand(len(idx), -1)
+                inputs["input_ids"] = torch.cat([encoded["input_ids"], extra], dim=1)
+                inputs["attention_mask"] = torch.cat([encoded["attention_mask"], torch.ones_like(extra)], dim=1)
+            # Only the path's positions: a 7B model's full logits are vocab × length floats per row.
+            logits = model(**inputs, logits_to_keep=len(path) + 1).logits[:, -(len(path) + 1):, :]
+            logprobs = logits.float().log_softmax(-1).cpu()
+            for k in range(len(path) + 1):
+                if path[:k] not in read:
+                    read.add(path[:k])
+                    next_logprobs.setdefault(path[:k], []).extend(logprobs[:, k])
     scores = []
     for i, letters in enumerate(letters_of):
         row = {}
