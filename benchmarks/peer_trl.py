@@ -20,14 +20,16 @@ none and TRL's automatic patch knows only its own list of templates, so TRL gets
 markers around exactly that span, and with the BOS the runner puts first (TRL's collator adds no special
 tokens). A one-step check on both sides shows the work is the same: equal token counts and first-step losses.
 
-    python benchmarks/peer_trl.py [--shape tiny_world|big|all] [--steps N] [--repeats 5] [override ...]
+    python benchmarks/peer_trl.py [--shape world|big|all] [--steps N] [--repeats 5] [override ...]
 
-Shapes: `tiny_world` is the default cell (the tiny world's model on its instruct data, batch 16); `big` is
-runner_overhead.py's (`shapes.BIG`, a LLaVA-shaped model with 256 image tokens, on ~600-token conversations,
-batch 2). tokens/s on both sides: non-padding tokens of `input_ids` (image tokens included) over the training
-loop as the runner's `TrainTimer` times it (from on_train_begin to the end of the last step, Trainer's one-time
-set-up left out), as `summary.json` counts it. Runs alternate (TRL, runner, TRL, ...) in one process and the
-medians are compared. Target: runner / TRL >= 1.0 on both shapes.
+Shapes (`shapes.training_overrides`, as runner_overhead.py): `world` is the default cell (the tiny world's model
+on its instruct data, batch 16); `big` is `shapes.BIG` (a LLaVA-shaped model with 256 image tokens), batch 2 on
+~600-token conversations.
+
+tokens/s on both sides: non-padding tokens of `input_ids` (image tokens included) over the training loop as the
+runner's `TrainTimer` times it (from on_train_begin to the end of the last step, Trainer's one-time set-up left
+out), as `summary.json` counts it. Runs alternate (TRL, runner, TRL, ...) in one process and the medians are
+compared. Target: runner / TRL >= 1.0 on both shapes.
 """
 
 from __future__ import annotations
@@ -46,12 +48,11 @@ import peft
 import torch
 import transformers
 import trl
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from shapes import compose_run, training_overrides
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from vlmablate.config import RunConfig, cache_root, register_configs, to_run_config
+from vlmablate.config import RunConfig, cache_root
 from vlmablate.data.sampler import RankBatchSampler
 from vlmablate.data.sources import MixedDataset, build_dataset
 from vlmablate.data.templates import IMAGE_MARKER, chat_template_of, to_messages
@@ -61,34 +62,18 @@ from vlmablate.train import trainer as trainer_module
 from vlmablate.train.optim import parameter_groups
 from vlmablate.train.trainer import TrainTimer
 
-CONF = Path(runner.__file__).resolve().parent.parent / "conf"
 LOSS_TOLERANCE = 1e-4  # relative: fp32 cross-entropy against TRL's fused log-softmax over the same tokens
 # The Vicuna v1 template's assistant turn, and the same turn with the span the runner trains marked for TRL.
 VICUNA_REPLY = "{{- 'ASSISTANT: ' + text + eos_token }}"
 MARKED_REPLY = "{{- 'ASSISTANT:' }}{% generation %}{{- ' ' + text + eos_token }}{% endgeneration %}"
 
 
-# Default steps per timed run: ~9 s (tiny_world, batch 16) and ~14 s (big, batch 2) of training each on 2 quiet
+# Default steps per timed run: ~9 s (world, batch 16) and ~14 s (big, batch 2) of training each on 2 quiet
 # cores; with the set-up, the default five repeats of both shapes take ~7 minutes.
-STEPS = {"tiny_world": 30, "big": 8}
-
-
-def shape_overrides(shape: str) -> list[str]:
-    """`tiny_world`: the default cell, the tiny world's model on its instruct data; `big`: runner_overhead's."""
-    if shape == "tiny_world":
-        return ["eval=none"]
-    from runner_overhead import shape_overrides as overhead_shape  # a sibling script, on the path when run as one
-
-    return overhead_shape(shape)
+STEPS = {"world": 30, "big": 8}
 
 
 # --- the cell, as the runner builds it ----------------------------------------------------------------------
-
-
-def compose_cell(overrides: list[str]) -> tuple[RunConfig, dict]:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        composed = compose(config_name="config", overrides=overrides)
-    return to_run_config(composed), OmegaConf.to_container(composed, resolve=True)
 
 
 def load_cell(cfg: RunConfig):
@@ -245,7 +230,7 @@ def runner_side(cfg: RunConfig, composed: dict) -> dict:
 
 def first_step(overrides: list[str]) -> dict:
     """One step on each side: the tokens each trained and its loss (the mean over one step is that step's)."""
-    cfg, composed = compose_cell([*overrides, "train.max_steps=1", "train.logging_steps=1"])
+    cfg, composed = compose_run([*overrides, "train.max_steps=1", "train.logging_steps=1"])
     ours, theirs = runner_side(cfg, composed), trl_side(cfg)
     gap = abs(ours["loss"] - theirs["loss"]) / abs(theirs["loss"])
     return {"runner": ours, "trl": theirs, "relative_gap": gap,
@@ -256,7 +241,7 @@ def timed(overrides: list[str], repeats: int) -> dict:
     """Alternating timed runs, TRL first in each pair: the medians of tokens/s and their ratio, and the median
     over paired steps (the same batch on both sides) of TRL's step time over the runner's, which a burst of
     load from other processes moves less than a whole run."""
-    cfg, composed = compose_cell(overrides)
+    cfg, composed = compose_run(overrides)
     rates, step_ratios = {"trl": [], "runner": []}, []
     for i in range(repeats):
         theirs, ours = trl_side(cfg), runner_side(cfg, composed)
@@ -272,7 +257,7 @@ def timed(overrides: list[str], repeats: int) -> dict:
 
 
 def measure(shape: str, steps: int, repeats: int, extra: list[str]) -> dict:
-    overrides = [*shape_overrides(shape), f"train.save_steps={10 * steps}", "train.logging_steps=10",
+    overrides = [*training_overrides(shape), f"train.save_steps={10 * steps}", "train.logging_steps=10",
                  "train.progress=false", *extra]
     check = first_step(overrides)
     r, t = check["runner"], check["trl"]
@@ -290,12 +275,11 @@ def measure(shape: str, steps: int, repeats: int, extra: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=[*STEPS, "all"], default="all")
-    parser.add_argument("--steps", type=int, default=None, help="default: 30 (tiny_world), 8 (big)")
+    parser.add_argument("--steps", type=int, default=None, help="default: 30 (world), 8 (big)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both shapes, e.g. freeze=full_llm")
     args = parser.parse_args()
 
-    register_configs()
     print(f"TRL {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads)\n", flush=True)
     shapes = list(STEPS) if args.shape == "all" else [args.shape]

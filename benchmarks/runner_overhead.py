@@ -5,11 +5,13 @@ number of steps on the same data pipeline (dataset, collator, batch size); the h
 what a user would write without a framework: DataLoader → forward → backward → clip → step.
 Runs alternate (loop, runner, loop, runner, ...) and the medians are compared.
 
-    python benchmarks/runner_overhead.py [--shape small|big] [--steps N] [--repeats 3] [override ...]
+    python benchmarks/runner_overhead.py [--shape world|big] [--steps N] [--repeats 3] [override ...]
 
-Shapes: `small` is the default cell (the tiny world's model and instruct data); `big` is `shapes.BIG`, a
+Shapes (`shapes.training_overrides`): `world` is the default cell, the tiny world's model (~2.8M parameters) on
+its instruct data, where framework overhead is not hidden behind a large forward; `big` is `shapes.BIG`, a
 LLaVA-shaped model big enough that matmuls dominate (random weights, built locally: a 12-layer 384-wide ViT at
-224 px / patch 14, 256 image tokens, and an 8-layer 512-wide Llama), on generated conversations of ~600 tokens.
+224 px / patch 14, 256 image tokens, and an 8-layer 512-wide Llama), batch 2 on generated conversations of
+~600 tokens.
 
 Target (DESIGN.md): runner tokens/s >= 0.95 x the loop's, on both shapes.
 """
@@ -17,75 +19,25 @@ Target (DESIGN.md): runner tokens/s >= 0.95 x the loop's, on both shapes.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import random
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import shapes
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from shapes import compose_run, training_overrides
 from torch.utils.data import DataLoader
 
-from vlmablate.config import cache_root, register_configs, to_run_config
+from vlmablate.config import cache_root
 from vlmablate.data.collator import LlavaCollator
 from vlmablate.data.sampler import RankBatchSampler
 from vlmablate.data.sources import build_dataset
-from vlmablate.data.synthetic import write_synthetic_llava
 from vlmablate.model.plan import resolve_plan
 from vlmablate.train import runner
 from vlmablate.train.optim import parameter_groups
 
-CONF = Path(runner.__file__).resolve().parent.parent / "conf"
-# The default cell's shape: the tiny world's model (~2.8M parameters) on its instruct data, where framework
-# overhead is not hidden behind a large forward. Evaluation is off: it runs after training, outside tokens/s.
-SMALL = ["data.sources.0.num_records=512", "eval=none"]
-# A LLaVA shape where matmuls dominate (shapes.BIG: 256 image tokens), on conversations of ~350 text tokens.
-BIG = [*shapes.BIG, "train.per_device_train_batch_size=2", "eval=none"]
-BIG_TURNS = 13  # question-answer pairs per conversation: ~350 text tokens with the tiny tokenizer
-BIG_RECORDS = 64
-DEFAULT_STEPS = {"small": 40, "big": 8}
-
-
-def long_conversations(folder: Path, *, records: int, turns: int, image_size: int, seed: int = 0) -> Path:
-    """An LLaVA JSON of `records` image conversations of `turns` question-answer pairs each (written once).
-
-    The synthetic instruct set's images and questions: each image record keeps its own questions first, then
-    takes questions from the rest of the set in turn until it has `turns` pairs.
-    """
-    path = folder / f"long-{records}x{turns}.json"
-    if path.exists():
-        return path
-    files = write_synthetic_llava(folder, n_caption=0, n_instruct=2 * records, seed=seed, image_size=image_size)
-    source = json.loads(Path(files["instruct_json"]).read_text())
-    pool = [(a["value"].removeprefix("<image>\n"), b["value"])
-            for r in source for a, b in zip(r["conversations"][::2], r["conversations"][1::2])]
-    rng = random.Random(seed)
-    long = []
-    for record in [r for r in source if "image" in r][:records]:
-        turns_of = record["conversations"][:2 * turns]
-        while len(turns_of) < 2 * turns:
-            question, answer = rng.choice(pool)
-            turns_of += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-        long.append({**record, "conversations": turns_of})
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(long, indent=1))
-    os.replace(tmp, path)
-    return path
-
-
-def shape_overrides(shape: str) -> list[str]:
-    """Hydra overrides of a shape (`big` writes its data into the cache first)."""
-    if shape == "small":
-        return list(SMALL)
-    folder = cache_root() / "benchmarks" / "long-conversations-px224"
-    path = long_conversations(folder, records=BIG_RECORDS, turns=BIG_TURNS, image_size=224)
-    return [*BIG, "data=llava_json", f"data.path={path}", f"data.image_root={folder}"]
+DEFAULT_STEPS = {"world": 40, "big": 8}
 
 
 def hand_written_loop(cfg, steps: int) -> float:
@@ -131,19 +83,16 @@ def full_runner(cfg, composed: dict, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(DEFAULT_STEPS), default="small")
-    parser.add_argument("--steps", type=int, default=None, help="default: 40 (small), 8 (big)")
+    parser.add_argument("--shape", choices=sorted(DEFAULT_STEPS), default="world")
+    parser.add_argument("--steps", type=int, default=None, help="default: 40 (world), 8 (big)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. freeze=full_llm")
     args = parser.parse_args()
     args.steps = args.steps or DEFAULT_STEPS[args.shape]
 
-    register_configs()
-    overrides = [*shape_overrides(args.shape), f"train.max_steps={args.steps}", f"train.save_steps={10 * args.steps}",
-                 "train.logging_steps=10", *args.overrides]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        composed_cfg = compose(config_name="config", overrides=overrides)
-    cfg, composed = to_run_config(composed_cfg), OmegaConf.to_container(composed_cfg, resolve=True)
+    overrides = [*training_overrides(args.shape), f"train.max_steps={args.steps}",
+                 f"train.save_steps={10 * args.steps}", "train.logging_steps=10", *args.overrides]
+    cfg, composed = compose_run(overrides)
 
     loop, framework = [], []
     for i in range(args.repeats):

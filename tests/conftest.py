@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,12 @@ def compose_run(*overrides: str) -> tuple[RunConfig, dict]:
 
 
 def load_benchmark(name: str):
-    """benchmarks/NAME.py imported as a module (the benchmarks are scripts, not a package)."""
+    """benchmarks/NAME.py imported as a module (the benchmarks are scripts, not a package), with its folder on
+    the path as when it runs as a script, so that it finds its siblings (shapes.py)."""
     import importlib.util
 
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -27,7 +27,7 @@ def peer():
 @pytest.fixture(scope="module")
 def both_sides(peer, tmp_path_factory):
     """The runner's first batches and the TRL trainer built on the same records in the same order."""
-    cfg, _ = peer.compose_cell([*OVERRIDES, f"train.max_steps={STEPS}"])
+    cfg, _ = peer.compose_run([*OVERRIDES, f"train.max_steps={STEPS}"])
     model, processor, plan = peer.load_cell(cfg)
     dataset = peer.cell_dataset(cfg, model, processor, plan)
     batches = peer.runner_batches(cfg, dataset, STEPS)
