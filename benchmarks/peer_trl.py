@@ -1,7 +1,7 @@
 """The peer: tokens/s of the vlmablate runner against TRL's `SFTTrainer` on the same work, side by side.
 
 Both sides train the same cell for the same steps:
-- the same model: one checkpoint, the stage-1 projector, the freeze plan applied by `runner.load_cell_model`
+- the same model: one checkpoint, the stage-1 projector, the freeze plan applied by `runner.load_cell`
   after the same seed, so the same PEFT LoRA model (TRL is handed that model, not a `peft_config`);
 - the same records in the same batches: the runner's sampler order, given to TRL as rows in that order with
   `train_sampling_strategy="sequential"` and the same batch size;
@@ -52,11 +52,10 @@ from shapes import compose_run, training_overrides
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from vlmablate.config import RunConfig, cache_root
+from vlmablate.config import RunConfig
 from vlmablate.data.sampler import RankBatchSampler
-from vlmablate.data.sources import MixedDataset, build_dataset
+from vlmablate.data.sources import MixedDataset
 from vlmablate.data.templates import IMAGE_MARKER, chat_template_of, to_messages
-from vlmablate.model.plan import FreezePlan
 from vlmablate.train import runner
 from vlmablate.train import trainer as trainer_module
 from vlmablate.train.optim import parameter_groups
@@ -76,24 +75,18 @@ STEPS = {"world": 30, "big": 8}
 # --- the cell, as the runner builds it ----------------------------------------------------------------------
 
 
-def load_cell(cfg: RunConfig):
-    """Model (plan applied), processor and plan, in the runner's order: projector, checkpoint, seed, load."""
+def load_cell(cfg: RunConfig) -> runner.LoadedCell:
+    """The model (plan applied) and processor, in the runner's order: projector, checkpoint, seed, load."""
     plan = runner.plan_of(cfg)
-    projector, _ = runner.find_stage1(cfg, [])  # the stage-1 run runner.run finds when called without overrides
+    projector, stage1 = runner.find_stage1(cfg, [])  # the stage-1 run runner.run finds when called without overrides
     model_cfg = runner.prepare_model(cfg, plan)
     set_seed(cfg.train.seed)  # right before LoRA's initial weights are drawn, as in runner.run
-    model, processor, _ = runner.load_cell_model(cfg, model_cfg, plan, projector)
-    return model, processor, plan
+    return runner.load_cell(cfg, model_cfg, plan, projector, stage1)
 
 
-def cell_dataset(cfg: RunConfig, model, processor, plan: FreezePlan) -> MixedDataset:
-    dataset = build_dataset(cfg.data, processor=processor, template=cfg.stage.template,
-                            max_length=cfg.model.max_length, image_aspect=runner.image_aspect_of(cfg),
-                            cache_dir=cache_root(cfg.data.cache_dir), image_size=runner.image_size_of(processor),
-                            image_tokens=runner.image_tokens_of(model), world=cfg.world, progress=False)
-    if not plan.llm.trainable:  # as the runner: text-only samples reach no trainable parameter
-        dataset.keep_images_only()
-    return dataset
+def cell_dataset(cfg: RunConfig, loaded: runner.LoadedCell) -> MixedDataset:
+    """The runner's training data (with the LLM frozen, its image samples only)."""
+    return runner.build_data(cfg, loaded)[0]
 
 
 def runner_batches(cfg: RunConfig, dataset: MixedDataset, steps: int) -> list[list[int]]:
@@ -180,9 +173,9 @@ class StepTimer(TrainTimer):
         return [b - a for a, b in zip(ends, ends[1:])]
 
 
-def trl_trainer(cfg: RunConfig, model, processor, plan: FreezePlan, rows: datasets.Dataset,
-                run_dir: Path) -> SFTTrainer:
+def trl_trainer(cfg: RunConfig, loaded: runner.LoadedCell, rows: datasets.Dataset, run_dir: Path) -> SFTTrainer:
     """TRL's trainer on the runner's arguments, its own collator counting tokens, the runner's optimizer groups."""
+    model, processor = loaded.model, loaded.processor
     args = runner.training_arguments(cfg, run_dir)
     config = SFTConfig(**{**args.to_dict(), "hub_token": args.hub_token, "train_sampling_strategy": "sequential",
                           "assistant_only_loss": True, "max_length": cfg.model.max_length})
@@ -190,8 +183,8 @@ def trl_trainer(cfg: RunConfig, model, processor, plan: FreezePlan, rows: datase
     trainer = SFTTrainer(model=model, args=config, train_dataset=rows, processing_class=processor)
     trainer.data_collator = TokenCount(trainer.data_collator)
     # Set before train(): Trainer builds its own AdamW only when it has none.
-    groups = parameter_groups(trainer.model, plan, decay_names=set(trainer.get_decay_parameter_names(trainer.model)),
-                              weight_decay=config.weight_decay)
+    decay = set(trainer.get_decay_parameter_names(trainer.model))
+    groups = parameter_groups(trainer.model, loaded.plan, decay_names=decay, weight_decay=config.weight_decay)
     optimizer_cls, optimizer_kwargs = trainer.get_optimizer_cls_and_kwargs(config, trainer.model)
     optimizer_kwargs.pop("lr", None)  # each group carries its component's learning rate
     trainer.optimizer = optimizer_cls(groups, **optimizer_kwargs)
@@ -202,11 +195,11 @@ def trl_trainer(cfg: RunConfig, model, processor, plan: FreezePlan, rows: datase
 
 def trl_side(cfg: RunConfig) -> dict:
     steps = cfg.train.max_steps
-    model, processor, plan = load_cell(cfg)
-    dataset = cell_dataset(cfg, model, processor, plan)
+    loaded = load_cell(cfg)
+    dataset = cell_dataset(cfg, loaded)
     rows = trl_rows(dataset, [k for batch in runner_batches(cfg, dataset, steps) for k in batch])
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = trl_trainer(cfg, model, processor, plan, rows, Path(tmp) / "trl")
+        trainer = trl_trainer(cfg, loaded, rows, Path(tmp) / "trl")
         output = trainer.train()
     assert trainer.state.global_step == steps
     tokens = trainer.data_collator.tokens

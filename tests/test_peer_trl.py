@@ -28,15 +28,14 @@ def peer():
 def both_sides(peer, tmp_path_factory):
     """The runner's first batches and the TRL trainer built on the same records in the same order."""
     cfg, _ = peer.compose_run([*OVERRIDES, f"train.max_steps={STEPS}"])
-    model, processor, plan = peer.load_cell(cfg)
-    dataset = peer.cell_dataset(cfg, model, processor, plan)
+    loaded = peer.load_cell(cfg)
+    dataset = peer.cell_dataset(cfg, loaded)
     batches = peer.runner_batches(cfg, dataset, STEPS)
-    collate = LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id)
+    collate = LlavaCollator(pad_token_id=loaded.processor.tokenizer.pad_token_id)
     ours = [collate([dataset[k] for k in batch]) for batch in batches]
-    trl_model, trl_processor, trl_plan = peer.load_cell(cfg)
     rows = peer.trl_rows(dataset, [k for batch in batches for k in batch])
-    trainer = peer.trl_trainer(cfg, trl_model, trl_processor, trl_plan, rows, tmp_path_factory.mktemp("trl"))
-    return {"model": model, "dataset": dataset, "batches": batches, "ours": ours, "trainer": trainer,
+    trainer = peer.trl_trainer(cfg, peer.load_cell(cfg), rows, tmp_path_factory.mktemp("trl"))
+    return {"model": loaded.model, "dataset": dataset, "batches": batches, "ours": ours, "trainer": trainer,
             "theirs": list(trainer.get_train_dataloader())}
 
 
