@@ -109,8 +109,13 @@ def test_report_pools_seeds_and_tests_pairs(tmp_path):
     assert rows["a"]["wall_clock_s"] == 5.5 and rows["a"]["seeds"] == 2 and rows["a"]["vqa_acc"] == 0.25
     assert rows["c"]["status"] == "failed" and rows["c"]["failed_seeds"] == "0"
     (pair,) = [t for t in result["paired"] if {t["a"], t["b"]} == {"a", "b"}]
-    assert pair["pairs"] == 40 and abs(pair["diff"]) == pytest.approx(0.75) and pair["p_value"] < 0.05
-    assert "beyond noise" in to_markdown(result["rows"], result["paired"])
+    assert pair["pairs"] == 40 and abs(pair["diff"]) == pytest.approx(0.75) and pair["design"] == "paired"
+    # two seeds that disagree this much (1.00 and 0.50) cannot establish a difference once training noise
+    # counts; the pair-level test, 40 pairs taken as independent, called it certain
+    assert pair["p_value"] > 0.05 and pair["pair_level"]["p_value"] < 0.01 and not pair["beyond_noise"]
+    assert pair["p_holm"] == pair["p_value"]  # a family of one: c failed, so a-b is the only pair
+    markdown = to_markdown(result["rows"], result["paired"])
+    assert "beyond noise" in markdown and "smallest difference 2 seeds see" in markdown
     assert summarize({"cell": "x", "label": "x", "runs": [], "config": {}})["status"] == "failed"
     assert paired_tests([]) == []
 
@@ -255,4 +260,60 @@ def test_report_has_the_blank_baseline_and_tests_per_category(tmp_path):
     assert mean == pytest.approx(30 / 360) and low < mean < high
     markdown = (tmp_path / "comparison.md").read_text()
     assert "| mark | 1.00 / 0.50 | 0.00 / 0.00 |" in markdown or "| mark | 0.00 / 0.00 | 1.00 / 0.50 |" in markdown
-    assert "2 of 3 tests at p < 0.05" in markdown and (tmp_path / "comparison.png").stat().st_size > 0
+    assert "2 of 3 tests at a raw p < 0.05" in markdown and "2 beyond noise after Holm" in markdown
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+
+
+def fake_policy_run(folder: Path, cell: str, seed: int, vision: str, llm: str, right: dict[str, list[bool]]) -> None:
+    """A completed run with a config (vision policy, LM policy) and per-category answers (one copy each)."""
+    run = folder / cell / f"seed{seed}"
+    (run / "eval" / "mmbench").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    rows, q = [], 0
+    for category, oks in right.items():
+        rows += [{"q": q + k, "copy": 0, "category": category, "correct": ok} for k, ok in enumerate(oks)]
+        q += len(oks)
+    (run / "eval" / "mmbench" / "predictions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    config = {"vision": {"policy": vision}, "freeze": {"name": f"{llm}_llm", "policy": llm},
+              "quant": {"mode": "none"}, "train": {"seed": seed, "lr_scale": 10}, "cell": {"name": cell}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    summary = {"status": "completed", "seed": seed, "cell": {"name": cell, "label": cell}}
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_controls_and_an_aa_comparison_in_the_report(tmp_path):
+    # The mark is read only by cells whose tower trains, each seed a little differently; counting is read a
+    # little by the LM-training cells, too little to pass the control. frozen_lora_aa trains frozen_lora's
+    # config under another name with other seeds: an A/A arm.
+    cells = {"frozen_frozen": ("frozen", "frozen"), "frozen_lora": ("frozen", "lora"),
+             "unfrozen_lora": ("unfrozen", "lora"), "full": ("unfrozen", "full")}
+    for seed in (0, 1, 2):
+        for name, (vision, llm) in cells.items():
+            marks = [True] * (48 + 3 * seed) + [False] * (12 - 3 * seed) if vision == "unfrozen" else \
+                [True] * 30 + [False] * 30
+            counts = [True] * (2 + seed % 2) + [False] * (18 - seed % 2) if llm != "frozen" else [False] * 20
+            fake_policy_run(tmp_path, name, seed, vision, llm, {"mark_recognition": marks, "object_counting": counts})
+        fake_policy_run(tmp_path, "frozen_lora_aa", seed + 3, "frozen", "lora",
+                        {"mark_recognition": [True] * 30 + [False] * 30,
+                         "object_counting": [True] * (2 + (seed + 1) % 2) + [False] * (18 - (seed + 1) % 2)})
+    result = write_report(tmp_path, n_boot=200)
+    # the A/A arm is compared with its twin only: 6 pairs of the four cells, and one A/A pair
+    assert len(result["paired"]) == 6 and all("frozen_lora_aa" not in (t["a"], t["b"]) for t in result["paired"])
+    (aa,) = result["aa"]["overall"]
+    assert (aa["a"], aa["b"], aa["design"], aa["seeds"]) == ("frozen_lora", "frozen_lora_aa", "unpaired", (3, 3))
+    assert aa["diff"] == pytest.approx(-1 / 240) and not aa["beyond_noise"]
+    assert {t["category"] for t in result["aa"]["by_category"]} == {"mark_recognition", "object_counting"}
+    mark, counting = result["controls"]
+    # every tower-training cell against every frozen-tower cell: 2 x 2 comparisons, Holm over the four
+    assert [(t["a"], t["b"]) for t in mark["tests"]] == [("unfrozen_lora", "frozen_frozen"),
+                                                          ("unfrozen_lora", "frozen_lora"),
+                                                          ("full", "frozen_frozen"), ("full", "frozen_lora")]
+    assert all(t["diff"] == pytest.approx(0.35) for t in mark["tests"])  # 0.85 against 0.50
+    assert mark["found"] and all(t["p_holm"] < 0.01 for t in mark["tests"])
+    assert [(t["a"], t["b"]) for t in counting["tests"]] == [("frozen_lora", "frozen_frozen"),
+                                                              ("unfrozen_lora", "frozen_frozen"),
+                                                              ("full", "frozen_frozen")]
+    assert all(t["diff"] == pytest.approx(7 / 60) for t in counting["tests"]) and not counting["found"]
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert "| vision side: the mark | found |" in markdown and "| LM side: counting | not found |" in markdown
+    assert "A/A comparisons" in markdown and "frozen_lora (frozen_lora_aa)" not in markdown

@@ -4,19 +4,24 @@ A cell is what a run trained (its `cell` name, else vision policy + freeze optio
 runs of a cell differ only in their seed. For each cell:
 
 - trainable parameters (and % of total) and the stage-1 artifact it started from;
-- MMBench CircularEval accuracy: the mean over seeds, with a 95% bootstrap interval that resamples
-  (seed, question) pairs, so it covers both the seed-to-seed and the question-to-question spread; the
-  same with a blank image (the text-only baseline, where the run has one), and both per category;
+- MMBench CircularEval accuracy: the mean over seeds, with a 95% interval from the crossed seeds ×
+  questions model (`report/stats.py`), so it carries training noise as well as question noise (one
+  seed: a bootstrap over questions); the same with a blank image (the text-only baseline, where the
+  run has one), and both per category;
 - VQA accuracy, wall-clock, peak memory, tokens/s, training FLOPs per token, achieved TFLOP/s and MFU
   (model FLOPs utilisation against the device's peak, `train/mfu.py`), as means over seeds;
 - how many seeds completed, and which failed.
 
-A paired test compares every two cells on the same questions and seeds: the difference of their
-per-question correctness, with a paired bootstrap interval and a sign-flip p-value
-(`eval.metrics.paired_difference`), overall and within each category (many tests: at p < 0.05 about one
-in twenty is "beyond noise" by chance, which the Markdown says). The plot draws the blank-image baseline,
-pooled over every cell and seed, as a band. Seed 000's columns (config, trainable params, MMBench accuracy,
-wall-clock) come first in the Markdown table so the two read side by side.
+Every two cells are compared by the crossed test (`stats.compare`): difference, 95% CI and p with
+training noise in them, the smallest difference three seeds can see, and the seeds the observed
+difference would need. Each table (overall; per category) is one family: its p-values are corrected by
+Holm, and "beyond noise" reads the corrected p. The positive controls (`CONTROLS`, the tiny world's
+built-in effects) test every cell that trains a component against every cell that freezes it, on the
+category made for it. A cell that trained the same config as an earlier one under another name is an
+A/A arm (the negative control): it is compared with that one only, in a section of its own. The plot
+draws the blank-image baseline, pooled over every cell and seed, as a band. Seed 000's columns (config,
+trainable params, MMBench accuracy, wall-clock) come first in the Markdown table so the two read side
+by side.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from vlmablate.eval.metrics import bootstrap_ci, paired_difference
+from vlmablate.report import stats
 
 CSV_COLUMNS = ("cell", "label", "vision", "freeze", "quant", "status", "seeds", "failed_seeds", "trainable_params",
                "trainable_pct", "total_params", "mmbench_circular", "mmbench_ci_low", "mmbench_ci_high",
-               "mmbench_vanilla", "mmbench_blank", "vqa_acc", "vqa_blank", "wall_clock_s", "peak_mem_mb",
-               "tokens_per_s", "flops_per_token", "tflops", "mfu", "final_loss", "stage1_artifact")
+               "mmbench_vanilla", "mmbench_blank", "mmbench_blank_3plus", "vqa_acc", "vqa_blank", "wall_clock_s",
+               "peak_mem_mb", "tokens_per_s", "flops_per_token", "tflops", "mfu", "final_loss", "stage1_artifact")
 
 
 def find_runs(sweep_dir: Path) -> list[Path]:
@@ -114,6 +120,17 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _cell_ci(cell: dict, pooled: list[float], n_boot: int) -> list[float | None]:
+    """95% CI of a cell's accuracy: from the crossed seeds × questions model with two or more seeds
+    (training noise included), else a bootstrap over questions."""
+    answers, _ = _answers(cell)
+    common = set.intersection(*(set(r) for r in answers.values())) if answers else set()
+    if len(answers) < 2 or not common:
+        return bootstrap_ci(pooled, n_boot=n_boot)
+    keys = sorted(common)
+    return stats.cell_accuracy(np.array([[float(r[q]) for q in keys] for r in answers.values()]))["ci"]
+
+
 def summarize(cell: dict, *, n_boot: int = 1000) -> dict:
     config = cell["config"]
     done = [r for r in cell["runs"] if r["summary"].get("status") == "completed"]
@@ -132,7 +149,7 @@ def summarize(cell: dict, *, n_boot: int = 1000) -> dict:
     pooled, blank = _pooled(done, "mmbench"), _pooled(done, "mmbench_blank_image")
     if pooled[None]:
         row["mmbench_circular"] = float(np.mean(pooled[None]))
-        row["mmbench_ci_low"], row["mmbench_ci_high"] = bootstrap_ci(pooled[None], n_boot=n_boot)
+        row["mmbench_ci_low"], row["mmbench_ci_high"] = _cell_ci(cell, pooled[None], n_boot)
     if blank[None]:
         row["mmbench_blank"] = float(np.mean(blank[None]))
     row["per_category"] = {c: {"circular": float(np.mean(v)), "blank": _mean(blank.get(c, [])), "n": len(v)}
@@ -141,6 +158,8 @@ def summarize(cell: dict, *, n_boot: int = 1000) -> dict:
     row["mmbench_vanilla"] = _mean(e.get("mmbench", {}).get("vanilla_acc") for e in evals)
     row["vqa_acc"] = _mean(e.get("textvqa", {}).get("vqa_acc") for e in evals)
     row["vqa_blank"] = _mean(e.get("vqa_blank_image", {}).get("vqa_acc") for e in evals)
+    row["mmbench_blank_3plus"] = _mean(e.get("mmbench_blank_image", {}).get("circular_acc_3plus_options")
+                                       for e in evals)
     trains = [r["summary"].get("train", {}) for r in done]
     for key in ("wall_clock_s", "peak_mem_mb", "tokens_per_s", "flops_per_token", "tflops", "mfu", "final_loss"):
         row[key] = _mean(t.get(key) for t in trains)
@@ -149,37 +168,154 @@ def summarize(cell: dict, *, n_boot: int = 1000) -> dict:
     return row
 
 
-def paired_tests(cells: list[dict], *, n_boot: int = 1000, by_category: bool = False) -> list[dict]:
-    """Every pair of cells on the (seed, question) pairs both have: difference, 95% CI, p-value; with
-    `by_category`, the same within each category (each test then carries its `category`)."""
-    per_cell, categories = {}, {}
-    for cell in cells:
-        answers = {}
-        for run in cell["runs"]:
-            if run["summary"].get("status") != "completed":
-                continue
-            seed = run["summary"].get("seed")
-            for q, (ok, category) in _question_records(run["dir"]).items():
-                answers[(seed, q)] = ok
-                categories[(seed, q)] = category
-        if answers:
-            per_cell[cell["cell"]] = answers
-    groups = sorted({c for c in categories.values() if c is not None}) if by_category else [None]
+def _answers(cell: dict) -> tuple[dict, dict]:
+    """A cell's completed runs as {seed: {question: correct}}, and {question: category}."""
+    answers, categories = {}, {}
+    for run in cell["runs"]:
+        if run["summary"].get("status") != "completed":
+            continue
+        records = _question_records(run["dir"])
+        if records:
+            answers[run["summary"].get("seed")] = {q: ok for q, (ok, _) in records.items()}
+            categories.update({q: category for q, (_, category) in records.items()})
+    return answers, categories
+
+
+def _matrices(a: dict, b: dict, questions: set) -> tuple[np.ndarray, np.ndarray, bool, list]:
+    """Seeds × questions matrices of two cells over `questions`; paired on their shared seeds when they
+    share two or more, else each with all of its own seeds (an A/A comparison's disjoint seeds)."""
+    shared = sorted(set(a) & set(b), key=str)
+    paired = len(shared) >= 2 or (len(shared) == 1 and len(a) == len(b) == 1)
+    seeds_a, seeds_b = (shared, shared) if paired else (sorted(a, key=str), sorted(b, key=str))
+    keys = sorted(questions)
+    mat = lambda runs, seeds: np.array([[float(runs[s][q]) for q in keys] for s in seeds])  # noqa: E731
+    return mat(a, seeds_a), mat(b, seeds_b), paired, shared if paired else []
+
+
+def _compare(name_a: str, name_b: str, a: dict, b: dict, questions: set, *, n_boot: int,
+             category: str | None = None) -> dict | None:
+    """The crossed test of two cells on `questions` (the new test), and the pair-level one beside it."""
+    if not questions:
+        return None
+    mat_a, mat_b, paired, shared = _matrices(a, b, questions)
+    result = stats.compare(mat_a, mat_b, paired=paired)
+    test = {"a": name_a, "b": name_b, "pairs": int(mat_a.size) if paired else None, **result}
+    if shared:  # the old test: every (seed, question) pair independent, for comparison only
+        flat_a = {k: bool(v) for k, v in enumerate(mat_a.ravel())}
+        flat_b = {k: bool(v) for k, v in enumerate(mat_b.ravel())}
+        old = paired_difference(flat_a, flat_b, n_boot=n_boot)
+        test["pair_level"] = {"ci": old["ci"], "p_value": old["p_value"]}
+    if category is not None:
+        test["category"] = category
+    return test
+
+
+def _same_training(a: dict, b: dict) -> bool:
+    """Two cells that differ only in their name and seeds (an A/A comparison). Settings that only one of
+    the two configs has (a field added to the schema between the two runs) are not compared."""
+    def training(cell):
+        config = json.loads(json.dumps(cell["config"], default=str))
+        config.pop("cell", None)
+        config.get("train", {}).pop("seed", None)
+        return config
+
+    def same(x, y) -> bool:
+        if isinstance(x, dict) and isinstance(y, dict):
+            return all(same(x[k], y[k]) for k in set(x) & set(y))
+        return x == y
+
+    return bool(a["config"]) and bool(b["config"]) and same(training(a), training(b))
+
+
+def _twins(names: list[str], by_name: dict) -> dict[str, str]:
+    """Cell -> the first earlier cell that trained the same config under another name (A/A arms)."""
+    twins = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if a not in twins and b not in twins and _same_training(by_name[a], by_name[b]):
+                twins[b] = a
+    return twins
+
+
+def paired_tests(cells: list[dict], *, n_boot: int = 1000, by_category: bool = False,
+                 aa: bool = False) -> list[dict]:
+    """Every pair of cells on the questions both have: the crossed seeds × questions test (difference,
+    95% CI, p, the power figures) and, as `p_holm`, Holm's correction over the returned family; with
+    `by_category`, within each category (each test then carries its `category`), all in one family.
+
+    A cell that trained the same config as an earlier one under another name (an A/A arm) is compared
+    only with that one, and only when `aa` is set (then nothing else is returned)."""
+    data = {cell["cell"]: _answers(cell) for cell in cells}
+    names = [cell["cell"] for cell in cells if data[cell["cell"]][0]]
+    twins = _twins(names, {cell["cell"]: cell for cell in cells})
+    if aa:
+        pairs = [(twins[b], b) for b in names if b in twins]
+    else:
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if a not in twins and b not in twins]
     tests = []
-    names = list(per_cell)
-    for category in groups:
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                shared = sorted(k for k in set(per_cell[a]) & set(per_cell[b])
-                                if category is None or categories[k] == category)
-                if not shared:
-                    continue
-                index = {key: k for k, key in enumerate(shared)}
-                result = paired_difference({index[k]: per_cell[a][k] for k in shared},
-                                           {index[k]: per_cell[b][k] for k in shared}, n_boot=n_boot)
-                tests.append({"a": a, "b": b, "pairs": len(shared), **result,
-                              **({"category": category} if category else {})})
+    for a, b in pairs:
+        (runs_a, cats_a), (runs_b, cats_b) = data[a], data[b]
+        common = set.intersection(*(set(r) for r in (*runs_a.values(), *runs_b.values())))
+        categories = {**cats_a, **cats_b}
+        groups = sorted({categories.get(q) for q in common} - {None}) if by_category else [None]
+        for category in groups:
+            questions = {q for q in common if category is None or categories.get(q) == category}
+            test = _compare(a, b, runs_a, runs_b, questions, n_boot=n_boot, category=category)
+            if test is not None:
+                tests.append(test)
+    for test, adjusted in zip(tests, stats.holm([t["p_value"] for t in tests])):
+        test["p_holm"] = adjusted
+        test["beyond_noise"] = bool(test["training_noise"] and adjusted < stats.ALPHA)
     return tests
+
+
+# The effects the tiny world builds in (docs/tiny_world.md): a known difference each control must find.
+CONTROLS = (
+    {"name": "vision side: the mark", "category": "mark_recognition", "component": "vision",
+     "trained": "the tower trains", "frozen": "the tower is frozen"},
+    {"name": "LM side: counting", "category": "object_counting", "component": "llm",
+     "trained": "the LM trains", "frozen": "the LM is frozen"},
+)
+CONTROL_EFFECT = 0.15  # each trained cell beats each frozen one by at least this ...
+CONTROL_ALPHA = 0.01  # ... with a Holm-corrected p below this, over the control's family
+
+
+def _trains(cell: dict, component: str) -> bool | None:
+    config = cell["config"]
+    policy = config.get("vision" if component == "vision" else "freeze", {}).get("policy")
+    return None if policy is None else policy != "frozen"
+
+
+def control_tests(cells: list[dict], *, n_boot: int = 1000) -> list[dict]:
+    """The positive controls: for each effect in CONTROLS whose category the benchmark has, every cell
+    that trains the component against every cell that freezes it, on that category; Holm over each
+    control's family. A/A arms (a second name for a trained config) are left out."""
+    data = {cell["cell"]: _answers(cell) for cell in cells}
+    by_name = {cell["cell"]: cell for cell in cells}
+    names = [cell["cell"] for cell in cells if data[cell["cell"]][0]]
+    twins = _twins(names, by_name)
+    names = [n for n in names if n not in twins]
+    results = []
+    for control in CONTROLS:
+        trained = [n for n in names if _trains(by_name[n], control["component"])]
+        frozen = [n for n in names if _trains(by_name[n], control["component"]) is False]
+        family = []
+        for a in trained:
+            for b in frozen:
+                (runs_a, cats), (runs_b, _) = data[a], data[b]
+                common = set.intersection(*(set(r) for r in (*runs_a.values(), *runs_b.values())))
+                questions = {q for q in common if cats.get(q) == control["category"]}
+                test = _compare(a, b, runs_a, runs_b, questions, n_boot=n_boot, category=control["category"])
+                if test is not None:
+                    family.append(test)
+        if not family:
+            continue
+        for test, adjusted in zip(family, stats.holm([t["p_value"] for t in family])):
+            test["p_holm"] = adjusted
+            test["found"] = bool(test["training_noise"] and test["diff"] >= CONTROL_EFFECT
+                                 and adjusted < CONTROL_ALPHA)
+        results.append({**control, "tests": family, "found": all(t["found"] for t in family)})
+    return results
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -204,30 +340,84 @@ def _params(n) -> str:
     return f"{n:,}"
 
 
-def to_markdown(rows: list[dict], tests: list[dict], category_tests: list[dict] = ()) -> str:
+def _p(value: float) -> str:
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _test_line(t: dict) -> str:
+    lo, hi = t["ci"]
+    mde = "-" if t.get("mde") is None else f"{t['mde']:.3f}"
+    needed = t.get("seeds_for_power")
+    # None for a non-zero difference: even endless seeds leave the questions' own noise above it
+    if needed is None:
+        needed = "-" if t["diff"] == 0 or t.get("mde") is None else "none: more questions"
+    beyond = "yes" if t["beyond_noise"] else "no" if t["training_noise"] else "no (one seed: training noise unmeasured)"
+    return (f"| {t['a']} | {t['b']} | {t['diff']:+.3f} | {_fmt(lo)} to {_fmt(hi)} | {_p(t['p_value'])} | "
+            f"{_p(t['p_holm'])} | {mde} | {needed} | {beyond} |")
+
+
+def _controls_markdown(controls: list[dict], rows: list[dict]) -> list[str]:
+    if not controls:
+        return []
+    lines = ["", f"Positive controls, effects built into the world: found when every cell that trains the component "
+             f"beats every cell that freezes it on the category by at least {CONTROL_EFFECT} with a Holm p < "
+             f"{CONTROL_ALPHA} over the control's comparisons:", "",
+             "| control | trained cell | frozen cell | trained − frozen | 95% CI | p | p (Holm) | "
+             "smallest difference the seeds see | found |", "|---|---|---|---|---|---|---|---|---|"]
+    for control in controls:
+        for t in control["tests"]:
+            lo, hi = t["ci"]
+            mde = "-" if t.get("mde") is None else f"{t['mde']:.3f}"
+            lines.append(f"| {control['name']} ({control['category']}) | {t['a']} | {t['b']} | {t['diff']:+.3f} | "
+                         f"{_fmt(lo)} to {_fmt(hi)} | {_p(t['p_value'])} | {_p(t['p_holm'])} | {mde} | "
+                         f"{'yes' if t['found'] else 'no'} |")
+    lines += ["", "| control | verdict | " + " | ".join(f"{r['label']}: image / blank" for r in rows) + " |",
+              "|---|---|" + "---|" * len(rows)]
+    for control in controls:
+        cells = [r.get("per_category", {}).get(control["category"]) for r in rows]
+        lines.append(f"| {control['name']} | {'found' if control['found'] else 'not found'} | " + " | ".join(
+            "-" if x is None else f"{x['circular']:.2f} / {_fmt(x['blank'], 2)}" for x in cells) + " |")
+    return lines
+
+
+def _aa_markdown(aa: dict | None) -> list[str]:
+    if not aa or not aa.get("overall"):
+        return []
+    lines = ["", "A/A comparisons (the negative control: one config trained under two names; nothing should be "
+             "beyond noise). Overall, and per category with Holm over the categories:", "",
+             "| a | b | category | a − b | 95% CI | p | p (Holm) | beyond noise |", "|---|---|---|---|---|---|---|---|"]
+    for t in aa["overall"] + aa.get("by_category", []):
+        lo, hi = t["ci"]
+        lines.append(f"| {t['a']} | {t['b']} | {t.get('category', 'all')} | {t['diff']:+.3f} | {_fmt(lo)} to "
+                     f"{_fmt(hi)} | {_p(t['p_value'])} | {_p(t['p_holm'])} | {'yes' if t['beyond_noise'] else 'no'} |")
+    return lines
+
+
+def to_markdown(rows: list[dict], tests: list[dict], category_tests: list[dict] = (),
+                controls: list[dict] = (), aa: dict | None = None) -> str:
     lines = ["| Config | Trainable params | MM-Bench circular (95% CI) | Wall-clock (s) | % trainable | VQA acc | "
-             "vanilla | blank image: circular | blank image: VQA | peak mem (MB) | tokens/s | FLOPs/token | TFLOP/s | "
-             "MFU | seeds | status | stage-1 artifact |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "vanilla | blank image: circular | blank image: circular, 3+ options | blank image: VQA | peak mem (MB) | "
+             "tokens/s | FLOPs/token | TFLOP/s | MFU | seeds | status | stage-1 artifact |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = "-" if r.get("mmbench_circular") is None else \
             f"{r['mmbench_circular']:.3f} ({_fmt(r.get('mmbench_ci_low'))}-{_fmt(r.get('mmbench_ci_high'))})"
         status = r["status"] + (f" (failed seeds {r['failed_seeds']})" if r.get("failed_seeds") else "")
         cols = [r["label"], _params(r.get("trainable_params")), acc, _fmt(r.get("wall_clock_s"), 1),
                 _fmt(r.get("trainable_pct"), 2), _fmt(r.get("vqa_acc")), _fmt(r.get("mmbench_vanilla")),
-                _fmt(r.get("mmbench_blank")), _fmt(r.get("vqa_blank")), _fmt(r.get("peak_mem_mb"), 0),
+                _fmt(r.get("mmbench_blank")), _fmt(r.get("mmbench_blank_3plus")), _fmt(r.get("vqa_blank")),
+                _fmt(r.get("peak_mem_mb"), 0),
                 _fmt(r.get("tokens_per_s"), 0), _sci(r.get("flops_per_token")),
                 _sci(r.get("tflops")), _sci(r.get("mfu")), str(r["seeds"]), status,
                 r.get("stage1_artifact") or "-"]
         lines.append("| " + " | ".join(cols) + " |")
     if tests:
-        lines += ["", "Paired differences in CircularEval correctness (same seeds and questions):", "",
-                  "| a | b | a − b | 95% CI | p | pairs | beyond noise |", "|---|---|---|---|---|---|---|"]
-        for t in tests:
-            lo, hi = t["ci"]
-            beyond = "yes" if t["p_value"] < 0.05 else "no"
-            lines.append(f"| {t['a']} | {t['b']} | {t['diff']:+.3f} | {_fmt(lo)} to {_fmt(hi)} | "
-                         f"{t['p_value']:.3f} | {t['pairs']} | {beyond} |")
+        seeds = max((min(t["seeds"]) for t in tests), default=0)
+        lines += ["", "Paired differences in CircularEval correctness (crossed seeds × questions test: training "
+                  "and question noise; Holm over the table; beyond noise: Holm p < 0.05):", "",
+                  f"| a | b | a − b | 95% CI | p | p (Holm) | smallest difference {seeds} seeds see | "
+                  "seeds for 80% power | beyond noise |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [_test_line(t) for t in tests]
     categories = sorted({c for r in rows for c in r.get("per_category", {})})
     if categories:
         lines += ["", "CircularEval accuracy per category, with the image / with a blank image (seeds pooled):", "",
@@ -237,14 +427,19 @@ def to_markdown(rows: list[dict], tests: list[dict], category_tests: list[dict] 
             lines.append(f"| {c} | " + " | ".join("-" if x is None else f"{x['circular']:.2f} / {_fmt(x['blank'], 2)}"
                                                   for x in cells) + " |")
     if category_tests:
-        beyond = [t for t in category_tests if t["p_value"] < 0.05]
-        lines += ["", f"Paired differences per category: {len(beyond)} of {len(category_tests)} tests at p < 0.05 "
-                  f"(about {0.05 * len(category_tests):.1f} would be by chance alone):", "",
-                  "| category | a | b | a − b | 95% CI | p | pairs |", "|---|---|---|---|---|---|---|"]
-        for t in beyond:
+        raw = [t for t in category_tests if t["p_value"] < 0.05]
+        beyond = sum(t["beyond_noise"] for t in category_tests)
+        lines += ["", f"Paired differences per category: {len(raw)} of {len(category_tests)} tests at a raw p < 0.05 "
+                  f"(about {0.05 * len(category_tests):.1f} would be by chance alone), {beyond} beyond noise after "
+                  "Holm over all of them; the ones at a raw p < 0.05:", "",
+                  "| category | a | b | a − b | 95% CI | p | p (Holm) | beyond noise |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in raw:
             lo, hi = t["ci"]
             lines.append(f"| {t['category']} | {t['a']} | {t['b']} | {t['diff']:+.3f} | {_fmt(lo)} to {_fmt(hi)} | "
-                         f"{t['p_value']:.3f} | {t['pairs']} |")
+                         f"{_p(t['p_value'])} | {_p(t['p_holm'])} | {'yes' if t['beyond_noise'] else 'no'} |")
+    lines += _controls_markdown(controls, rows)
+    lines += _aa_markdown(aa)
     return "\n".join(lines) + "\n"
 
 
@@ -288,8 +483,12 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = 1000) -> dict:
     if not cells:
         raise FileNotFoundError(f"{sweep_dir}: no run directories (folders with summary.json) below it")
     rows = [summarize(cell, n_boot=n_boot) for cell in cells]
+    _name_twin_labels(rows)
     tests = paired_tests(cells, n_boot=n_boot)
     category_tests = paired_tests(cells, n_boot=n_boot, by_category=True)
+    controls = control_tests(cells, n_boot=n_boot)
+    aa = {"overall": paired_tests(cells, n_boot=n_boot, aa=True),
+          "by_category": paired_tests(cells, n_boot=n_boot, by_category=True, aa=True)}
     done = [r for cell in cells for r in cell["runs"] if r["summary"].get("status") == "completed"]
     blank_pooled = _pooled(done, "mmbench_blank_image")[None]
     blank = (float(np.mean(blank_pooled)), *bootstrap_ci(blank_pooled, n_boot=n_boot)) if blank_pooled else None
@@ -297,11 +496,19 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = 1000) -> dict:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (sweep_dir / "comparison.md").write_text(to_markdown(rows, tests, category_tests))
+    (sweep_dir / "comparison.md").write_text(to_markdown(rows, tests, category_tests, controls, aa))
     plot(rows, sweep_dir / "comparison.png", blank)
-    (sweep_dir / "comparison.json").write_text(json.dumps({"rows": rows, "paired": tests, "paired_by_category":
-                                                           category_tests, "blank_band": blank}, indent=2, default=str))
+    report = {"rows": rows, "paired": tests, "paired_by_category": category_tests, "controls": controls, "aa": aa,
+              "blank_band": blank}
+    (sweep_dir / "comparison.json").write_text(json.dumps(report, indent=2, default=str))
     offline = sorted({str(p) for cell in cells for run in cell["runs"]
                       for p in (run["dir"] / "wandb").glob("offline-run-*")})
-    return {"rows": rows, "paired": tests, "paired_by_category": category_tests, "blank_band": blank,
-            "wandb_offline": offline}
+    return {**report, "wandb_offline": offline}
+
+
+def _name_twin_labels(rows: list[dict]) -> None:
+    """Two cells with one label (an A/A arm keeps its cell's label) are told apart by their names."""
+    labels = [r["label"] for r in rows]
+    for r in rows:
+        if labels.count(r["label"]) > 1:
+            r["label"] = f"{r['label']} ({r['cell']})"
