@@ -345,6 +345,11 @@ def test_circular_and_vanilla_accuracy_by_hand():
     for key, acc in (("circular_ci", m["circular_acc"]), ("vanilla_ci", m["vanilla_acc"])):
         lo, hi = m[key]
         assert 0.0 <= lo <= acc <= hi <= 1.0
+    # by the number of options (copies): q0 has 4, q1 3, q2 2; the blank target reads the 3+ ones
+    assert m["per_n_options"] == {"2": {"circular_acc": 0.0, "vanilla_acc": 0.0, "n": 1},
+                                  "3": {"circular_acc": 0.0, "vanilla_acc": 1.0, "n": 1},
+                                  "4": {"circular_acc": 1.0, "vanilla_acc": 1.0, "n": 1}}
+    assert m["circular_acc_3plus_options"] == 0.5 and m["n_questions_3plus_options"] == 2
 
 
 def test_bootstrap_is_deterministic_and_degenerate_when_all_correct():

@@ -49,6 +49,9 @@ def circular_metrics(records: list[Record], *, n_boot: int = 1000, seed: int = 0
                         dtype=float)
     vanilla = np.array([r.prediction == r.answer for r in main], dtype=float)
     n_unparsed = sum(r.prediction is None for r in scored)
+    # Two-option questions pass CircularEval about half the time on a fixed prior (the same answer in every
+    # order), so the blank-image score is read on the questions with three or more options as well.
+    many = np.array([len(group) >= 3 for group in groups.values()], dtype=bool)
     return {
         "circular_acc": _mean(circular),
         "vanilla_acc": _mean(vanilla),
@@ -61,6 +64,9 @@ def circular_metrics(records: list[Record], *, n_boot: int = 1000, seed: int = 0
         "unparsed_rate": n_unparsed / len(scored) if scored else None,
         "per_l2": _breakdown([r.l2_category for r in main], circular, vanilla),
         "per_category": _breakdown([r.category for r in main], circular, vanilla),
+        "per_n_options": _breakdown([str(len(group)) for group in groups.values()], circular, vanilla),
+        "circular_acc_3plus_options": _mean(circular[many]),
+        "n_questions_3plus_options": int(many.sum()),
     }
 
 

@@ -67,8 +67,9 @@ def run_eval(cfg: EvalConfig, model, processor, out_dir: Path, *, world: WorldCo
             blank, _ = evaluate_mmbench(model, processor, files["tsv"], blank=True,
                                         out_dir=out_dir / "mmbench_blank_image", **mmbench)
             results["mmbench_blank_image"] = blank
-            log.info("MMBench with a blank image (text-only baseline): circular %s, vanilla %s",
-                     _acc(blank["circular_acc"]), _acc(blank["vanilla_acc"]))
+            log.info("MMBench with a blank image (text-only baseline): circular %s (%s on the %d questions with 3+ "
+                     "options), vanilla %s", _acc(blank["circular_acc"]), _acc(blank["circular_acc_3plus_options"]),
+                     blank["n_questions_3plus_options"], _acc(blank["vanilla_acc"]))
     if "textvqa" in cfg.tasks:
         vqa = dict(image_root=files["vqa_image_root"], use_ocr=cfg.use_ocr, **common)
         results["textvqa"] = evaluate_vqa(model, processor, files["vqa_json"], out_dir=out_dir / "textvqa", **vqa)
