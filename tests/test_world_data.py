@@ -310,3 +310,48 @@ def test_unknown_category_is_an_error():
     with pytest.raises(ValueError, match="unknown question category"):
         language.question(sample_scene(scene_rng(0, "test", 0)), "colour_of_sky", random.Random(0))
     assert world_data.MMBENCH_CATEGORY == CATEGORY
+
+
+# --- stage 2's question weights ------------------------------------------------------------------------
+
+
+def test_question_weights_shift_stage_two_and_leave_the_benchmarks_alone(tmp_path, world):
+    weighted = write_world_data(tmp_path / "w", seed=0, sizes=SIZES, progress=False,
+                                weights={"mark": 3, "counting": 3})
+    plain_counts = world["meta"]["counts"]["instruct"]["questions_per_category"]
+    counts = weighted["meta"]["counts"]["instruct"]["questions_per_category"]
+    assert sum(counts.values()) == sum(plain_counts.values())  # the same records, other questions
+    # each weighted kind is asked three times as often as an unweighted one that every scene can carry
+    for kind in ("mark", "counting"):
+        assert counts[kind] == pytest.approx(3 * counts["colour"], abs=3)
+    assert max(plain_counts.values()) - min(plain_counts[c] for c in plain_counts if c != "spatial") <= 1
+    assert weighted["meta"]["question_weights"] == {**{c: 1.0 for c in language.CATEGORIES}, "mark": 3.0,
+                                                    "counting": 3.0}
+    folder = Path(weighted["image_root"])
+    for name in ("mmbench_dev.tsv", "textvqa_val.json", "pretrain.json"):
+        assert (folder / name).read_bytes() == (Path(world["image_root"]) / name).read_bytes(), name
+    # the default weights are the world as it was: the cached meta matches, nothing is rebuilt
+    assert write_world_data(Path(world["image_root"]), seed=0, sizes=SIZES, progress=False,
+                            weights={c: 1 for c in language.CATEGORIES})["meta"] == world["meta"]
+
+
+def test_question_weights_are_checked():
+    from conftest import compose_run
+
+    from vlmablate.config import ConfigError, validate
+
+    with pytest.raises(ValueError, match="unknown categories \\['marks'\\]"):
+        world_data.question_weights({"marks": 2})
+    with pytest.raises(ValueError, match="positive"):
+        world_data.question_weights({"mark": 0})
+    from vlmablate.config import QUESTION_WEIGHTS
+
+    assert tuple(QUESTION_WEIGHTS) == language.CATEGORIES and set(QUESTION_WEIGHTS.values()) == {1.0}
+    cfg, _ = compose_run("world.question_weights.mark=0")
+    with pytest.raises(ConfigError, match="world.question_weights: weights must be > 0, got \\{'mark': 0.0\\}"):
+        validate(cfg)
+    cfg, _ = compose_run("world.question_weights={counting:3,mark:3}")
+    validate(cfg)
+    assert dict(cfg.world.question_weights) == {**QUESTION_WEIGHTS, "counting": 3.0, "mark": 3.0}
+    with pytest.raises(Exception, match="marks"):  # a category that does not exist fails at compose time
+        compose_run("world.question_weights.marks=2")

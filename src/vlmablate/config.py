@@ -39,6 +39,11 @@ class TinyModelConfig:
     vocab_size: int = 600
 
 
+# The tiny world's question categories (world/language.py's CATEGORIES), each asked equally often by default.
+QUESTION_WEIGHTS = {c: 1.0 for c in ("existence", "colour", "shape", "counting", "position", "spatial", "size", "fill",
+                                     "mark")}
+
+
 @dataclass
 class WorldConfig:
     """The embedded tiny world: its seed and data sizes, and which components it runs on.
@@ -58,6 +63,8 @@ class WorldConfig:
     n_vqa: int = 200
     image_size: int = 64
     components: str = "shipped"
+    # how often stage 2 asks each question category, relative to the others (world.question_weights.mark=3)
+    question_weights: dict[str, float] = field(default_factory=lambda: dict(QUESTION_WEIGHTS))
     vision: dict[str, Any] = field(default_factory=dict)
     lm: dict[str, Any] = field(default_factory=dict)
     cache_dir: Optional[str] = None
@@ -472,6 +479,7 @@ def validate(cfg: RunConfig, overrides: Sequence[str] = ()) -> None:
         raise ConfigError(f"eval={cfg.eval.name} on {cfg.model.name} needs eval.vqa_json=FILE and "
                           "eval.vqa_image_root=DIR, or eval=none")
     _validate_data(cfg.data)
+    _validate_question_weights(cfg.world.question_weights)
     if cfg.cell.name != "none" and (cfg.vision.policy, cfg.freeze.name) != (cfg.cell.vision, cfg.cell.freeze):
         raise ConfigError(f"cell={cfg.cell.name} is vision={cfg.cell.vision} freeze={cfg.cell.freeze}, but the run has "
                           f"vision={cfg.vision.policy} freeze={cfg.freeze.name}; drop the vision/freeze overrides "
@@ -498,6 +506,17 @@ def _validate_sharding(cfg: RunConfig) -> None:
             raise ConfigError(f"QLoRA under FSDP: model.torch_dtype={cfg.model.torch_dtype} but quant.storage="
                               f"{quant.storage}; FSDP wraps a layer's weights together only when they share one "
                               f"dtype, so set model.torch_dtype={quant.storage}")
+
+
+def _validate_question_weights(weights) -> None:
+    from vlmablate.world.language import CATEGORIES
+
+    unknown = sorted(set(weights) - set(CATEGORIES))
+    bad = {k: v for k, v in weights.items() if not v > 0}
+    if unknown or bad:
+        raise ConfigError(f"world.question_weights: {'unknown categories ' + str(unknown) if unknown else ''}"
+                          f"{'; ' if unknown and bad else ''}{'weights must be > 0, got ' + str(bad) if bad else ''} "
+                          f"(categories: {', '.join(CATEGORIES)})")
 
 
 SOURCE_KINDS = ("llava_json", "hf", "tiny_world_caption", "tiny_world_instruct", "synthetic_caption",

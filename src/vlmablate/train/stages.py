@@ -30,8 +30,9 @@ PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
 # Overrides that belong to the stage-2 cell and must not leak into its stage-1 run.
 # `cell` picks vision and freeze; `train.seed` is a sweep's repeat axis: stage 1 is shared by every cell
 # and every seed of a grid, as LLaVA shares one pretrained projector, and trains with its own default seed.
+# `world.question_weights` shapes stage 2's questions only; stage 1's captions are the same under any.
 _CELL_KEYS = ("stage", "freeze", "vision", "cell", "data", "eval", "model.pretrained_projector", "hydra",
-              "train.seed")
+              "train.seed", "world.question_weights")
 # Settings that do not change what a run learns, left out of its hash (a sweep run again with resume
 # on, or with W&B, still finds its finished cells). The MFU peak and the plan command's GPU, MFU and data
 # size came later: left out, they also keep the hashes (stage-1 caches, finished cells) made before them.
@@ -83,6 +84,7 @@ def ensure_stage1(overrides: list[str], stage1_data: str, cache_root: Path, *, r
     align_overrides = stage1_overrides(overrides, stage1_data)
     cfg, composed = compose_config(align_overrides)
     material = learning_config(composed)
+    material.get("world", {}).pop("question_weights", None)  # set in a world file: the captions are the same
     if cfg.model.source == "tiny_world":  # the weights the projector aligns to, not only the words that name them
         from vlmablate.world.components import components_hash
 

@@ -47,8 +47,13 @@ def sizes(world: WorldConfig) -> world_data.WorldSizes:
 
 
 def data_key(world: WorldConfig) -> str:
-    """Generator version + seed + sizes: what changes the data files."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(sizes(world))).encode()).hexdigest()[:10]
+    """Generator version + seed + sizes (+ stage 2's question weights where any is set): what changes the
+    data files."""
+    material = dataclasses.asdict(sizes(world))
+    weights = world_data.question_weights(world.question_weights)
+    if weights != world_data.question_weights(None):
+        material["question_weights"] = weights
+    digest = hashlib.sha256(json.dumps(material).encode()).hexdigest()[:10]
     return f"v{world_data.GENERATOR_VERSION}-seed{world.seed}-{digest}"
 
 
@@ -57,7 +62,8 @@ def ensure_world_data(world: WorldConfig, *, progress: bool = True) -> dict:
     folder = cache_root(world.cache_dir) / "world-data" / data_key(world)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
-        return world_data.write_world_data(folder, seed=world.seed, sizes=sizes(world), progress=progress)
+        return world_data.write_world_data(folder, seed=world.seed, sizes=sizes(world), progress=progress,
+                                           weights=dict(world.question_weights))
 
 
 def ensure_world(world: WorldConfig, *, progress: bool = True) -> WorldPaths:

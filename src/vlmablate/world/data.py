@@ -109,18 +109,36 @@ class WorldSizes:
             raise ValueError(f"WorldSizes.image_size must be positive, got {self.image_size}")
 
 
-def write_world_data(folder, *, seed: int, sizes: WorldSizes = WorldSizes(), progress: bool = True) -> dict:
-    """Write (or reuse) the world's data under `folder`; return the file paths and the meta data."""
+def question_weights(weights: dict | None) -> dict[str, float]:
+    """Every question category's weight in stage 2's questions (1 unless given), checked."""
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(language.CATEGORIES))
+    if unknown:
+        raise ValueError(f"question weights name unknown categories {unknown}; expected some of {language.CATEGORIES}")
+    bad = {k: v for k, v in weights.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0}
+    if bad:
+        raise ValueError(f"question weights must be positive numbers, got {bad}")
+    return {c: float(weights.get(c, 1.0)) for c in language.CATEGORIES}
+
+
+def write_world_data(folder, *, seed: int, sizes: WorldSizes = WorldSizes(), progress: bool = True,
+                     weights: dict | None = None) -> dict:
+    """Write (or reuse) the world's data under `folder`; return the file paths and the meta data.
+
+    `weights`: how often stage 2 asks each question category, relative to the others (default 1 each):
+    `{"mark": 3}` asks about the mark three times as often as about colour. The benchmarks never change.
+    """
     folder = Path(folder)
-    meta = _cached_meta(folder, seed, sizes)
+    weights = question_weights(weights)
+    meta = _cached_meta(folder, seed, sizes, weights)
     if meta is None:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
         tmp.chmod(0o755)  # mkdtemp makes it private; the published world should read like any folder
         try:
-            meta = _generate(tmp, seed, sizes, progress)
+            meta = _generate(tmp, seed, sizes, progress, weights)
             # Another process may have published the same world meanwhile: keep theirs, untouched.
-            if _cached_meta(folder, seed, sizes) is None:
+            if _cached_meta(folder, seed, sizes, weights) is None:
                 _publish(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # still here only if unused or failed
@@ -134,13 +152,14 @@ def write_world_data(folder, *, seed: int, sizes: WorldSizes = WorldSizes(), pro
     }
 
 
-def _cached_meta(folder: Path, seed: int, sizes: WorldSizes) -> dict | None:
+def _cached_meta(folder: Path, seed: int, sizes: WorldSizes, weights: dict[str, float]) -> dict | None:
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
     same = (meta.get("generator_version") == GENERATOR_VERSION and meta.get("seed") == seed
-            and meta.get("sizes") == asdict(sizes))
+            and meta.get("sizes") == asdict(sizes)
+            and meta.get("question_weights", question_weights(None)) == weights)
     return meta if same else None
 
 
@@ -157,21 +176,21 @@ def _publish(tmp: Path, folder: Path) -> None:
         os.replace(tmp, folder)
 
 
-def _generate(root: Path, seed: int, sizes: WorldSizes, progress: bool) -> dict:
+def _generate(root: Path, seed: int, sizes: WorldSizes, progress: bool, weights: dict[str, float]) -> dict:
     """Write every file into `root`; meta.json last, so its presence means the rest is complete."""
     for sub in ("images/train", "images/vqa"):
         (root / sub).mkdir(parents=True)
     total = sizes.n_caption + sizes.n_instruct + sizes.n_bench + sizes.n_vqa
     with tqdm(total=total, desc="tiny world", unit="item", disable=not progress) as bar, \
             open(root / "scenes.jsonl", "w", encoding="utf-8") as scene_log:
-        world = _World(root, seed, sizes, scene_log, bar)
+        world = _World(root, seed, sizes, scene_log, bar, weights)
         counts = {
             "pretrain": world.write_pretrain(),
             "instruct": world.write_instruct(),
             "bench": world.write_bench(),
             "vqa": world.write_vqa(),
         }
-    meta = {"generator_version": GENERATOR_VERSION, "seed": seed, "sizes": asdict(sizes),
+    meta = {"generator_version": GENERATOR_VERSION, "seed": seed, "sizes": asdict(sizes), "question_weights": weights,
             "image_sharing": "disjoint: pretrain uses train scenes [0, n_caption), instruct the next ones",
             "n_text_only": counts["instruct"]["kinds"].get("text", 0), "counts": counts}
     (root / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
@@ -212,14 +231,16 @@ class _JsonList:
 
 
 class _CategoryBalance:
-    """Asks next the category asked least so far that the scene can carry, so every category gets
-    about the same share even though single-object scenes cannot carry a spatial question."""
+    """Asks next the category asked least so far for its weight that the scene can carry, so every
+    category gets its share even though single-object scenes cannot carry a spatial question."""
 
-    def __init__(self):
+    def __init__(self, weights: dict[str, float]):
         self.asked = Counter()
+        self.weights = weights
 
     def question(self, scene: Scene, rng: random.Random, exclude: frozenset[str] = frozenset()) -> dict | None:
-        order = sorted(language.CATEGORIES, key=lambda c: (self.asked[c], language.CATEGORIES.index(c)))
+        order = sorted(language.CATEGORIES, key=lambda c: ((self.asked[c] + 1) / self.weights[c],
+                                                           language.CATEGORIES.index(c)))
         for category in order:
             item = None if category in exclude else language.question(scene, category, rng)
             if item is not None:
@@ -231,8 +252,8 @@ class _CategoryBalance:
 class _World:
     """The generation state shared by the files: output folder, training scene keys, scene log."""
 
-    def __init__(self, root: Path, seed: int, sizes: WorldSizes, scene_log, bar):
-        self.root, self.seed, self.sizes = root, seed, sizes
+    def __init__(self, root: Path, seed: int, sizes: WorldSizes, scene_log, bar, weights: dict[str, float]):
+        self.root, self.seed, self.sizes, self.weights = root, seed, sizes, weights
         self.scene_log, self.bar = scene_log, bar
         self.train_keys: set[tuple] = set()
         self.n_train_images = 0
@@ -269,7 +290,7 @@ class _World:
     # --- stage 2 ---------------------------------------------------------------------------------
 
     def write_instruct(self) -> dict:
-        balance = _CategoryBalance()
+        balance = _CategoryBalance(self.weights)
         kinds, categories = Counter(), Counter()
         first_image = self.n_train_images
         with _JsonList(self.root / "instruct.json") as out:
