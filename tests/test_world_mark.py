@@ -121,3 +121,42 @@ def test_the_benchmark_runs_fast(one_thread, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "mark frozen" in lines[0] and "mark taught" in lines[0]
     assert [line.split("|")[0].strip() for line in lines[1:3]] == ["0", "1"]  # one line per seed, under one header
+
+
+def test_the_shipped_towers_probes_are_its_recorded_ones(one_thread):
+    # untaught_probes is the components' own frozen probe: on the shipped tower it gives what meta.json records
+    import json
+
+    from transformers import AutoImageProcessor, CLIPVisionModel
+
+    from vlmablate.world.components import shipped_folder
+    from vlmablate.world.pretrain import untaught_probes
+
+    folder = shipped_folder()
+    recorded = json.loads((folder / "meta.json").read_text())["vision"]
+    tower = CLIPVisionModel.from_pretrained(folder / "vision")
+    probes = untaught_probes(tower, AutoImageProcessor.from_pretrained(folder / "vision"), world_seed=0)
+    for name in ("size_probe_acc", "fill_probe_acc", "mark_probe_acc"):
+        assert probes[name] == pytest.approx(recorded[name], abs=0.005), name
+
+
+def test_the_tower_probe_benchmark_reads_a_runs_trained_tower(tmp_path, one_thread, capsys):
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionModel
+
+    from vlmablate.world.components import shipped_folder
+
+    probe = load_benchmark("world_tower_probe")
+    base = CLIPVisionModel.from_pretrained(shipped_folder() / "vision")
+    # a LoRA run keeps its tower among its non-LoRA trainables, under the Llava model's prefix
+    weights = {"model.vision_tower." + k: v * (1.5 if k == "post_layernorm.weight" else 1.0)
+               for k, v in base.state_dict().items()}
+    weights["model.multi_modal_projector.linear_1.weight"] = torch.zeros(2, 2)
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    save_file(weights, tmp_path / "run" / "final" / "non_lora_trainables.safetensors")
+    tower, moved = probe.trained_tower(base, tmp_path / "run")
+    assert moved["tensors"] == len(base.state_dict()) and moved["median_change"] == 0.0
+    assert moved["max_change"] == pytest.approx(0.5)
+    assert torch.equal(tower.post_layernorm.weight, 1.5 * base.post_layernorm.weight)
+    (tmp_path / "frozen" / "final").mkdir(parents=True)  # a frozen-tower run keeps no tower
+    assert probe.trained_tower(base, tmp_path / "frozen") is None

@@ -299,8 +299,6 @@ def _probe_vision(model, heads, processor, cfg: VisionPretrainConfig, world_seed
     with torch.no_grad():
         colour_ok = heads.colour[i](features).argmax(-1) == targets[:, 0]
         shape_ok = heads.shape[i](features).argmax(-1) == targets[:, 1]
-    probe_images, probe_targets = _vision_data(world_seed, "vision_attr_probe", ATTR_PROBE_SCENES, cfg.image_size)
-    probe_features = _features(model, probe_images, processor, PROBE_LAYER)
     metrics = {
         "colour_acc": colour_ok.float().mean().item(),
         "shape_acc": shape_ok.float().mean().item(),
@@ -308,10 +306,8 @@ def _probe_vision(model, heads, processor, cfg: VisionPretrainConfig, world_seed
         # Most cells are empty and easy; this is the accuracy on the cells that hold an object.
         "object_acc": (colour_ok & shape_ok)[targets[:, 0] != EMPTY_COLOUR].float().mean().item(),
     }
-    for name in UNTAUGHT:
-        row = _target_row(name)
-        metrics[f"{name}_probe_acc"] = _linear_probe(probe_features, probe_targets[:, row], features,
-                                                     targets[:, row], cfg.seed)
+    probe_features, probe_targets = _probe_set(model, processor, world_seed, cfg.image_size)
+    metrics.update(_untaught(probe_features, probe_targets, features, targets, cfg.seed))
     # Where an object is: its cell read off its own patch (empty patches hold nothing but their place).
     def object_places(t):
         return torch.arange(N_CELLS).expand(len(t), N_CELLS).masked_fill(t[:, 0] == EMPTY_COLOUR, IGNORE_INDEX)
@@ -319,6 +315,27 @@ def _probe_vision(model, heads, processor, cfg: VisionPretrainConfig, world_seed
     metrics["place_probe_acc"] = _linear_probe(probe_features, object_places(probe_targets), features,
                                                object_places(targets), cfg.seed)
     return {k: round(v, 4) for k, v in metrics.items()}
+
+
+def _probe_set(model, processor, world_seed: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scenes the untaught attributes' probes are fitted on: layer −2 features and cell targets."""
+    images, targets = _vision_data(world_seed, "vision_attr_probe", ATTR_PROBE_SCENES, image_size)
+    return _features(model, images, processor, PROBE_LAYER), targets
+
+
+def _untaught(probe_features, probe_targets, features, targets, seed: int) -> dict:
+    return {f"{name}_probe_acc": _linear_probe(probe_features, probe_targets[:, _target_row(name)], features,
+                                               targets[:, _target_row(name)], seed) for name in UNTAUGHT}
+
+
+def untaught_probes(model: CLIPVisionModel, processor, *, world_seed: int, n_probe: int = 500, seed: int = 0) -> dict:
+    """What a tower carries of the attributes it was never taught: held-out accuracy of linear probes for size,
+    fill and the mark on its layer −2 patch features (cells that hold an object; chance 0.5 each), fitted as the
+    components' own frozen probes are. Run on a tower after stage 2, it shows how far training moved it."""
+    images, targets = _vision_data(world_seed, "vision_probe", n_probe, model.config.image_size)
+    features = _features(model, images, processor, PROBE_LAYER)
+    probe_features, probe_targets = _probe_set(model, processor, world_seed, model.config.image_size)
+    return {k: round(v, 4) for k, v in _untaught(probe_features, probe_targets, features, targets, seed).items()}
 
 
 def _linear_probe(train_x, train_y, test_x, test_y, seed: int) -> float:
