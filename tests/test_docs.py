@@ -164,9 +164,18 @@ def composed_configs(overrides: list[str], config_dir: str | None, config_name: 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
-            base = compose(config_name=config_name, overrides=[*search, *overrides], return_hydra_config=True)
+            plain = [o for o in overrides if not ("," in o.partition("=")[2] and o.partition("=")[2][:1] not in "[{'\"")]
+            base = compose(config_name=config_name, overrides=[*search, *plain], return_hydra_config=True)
             params = base.hydra.sweeper.get("params") if "sweeper" in base.hydra else None
             params = OmegaConf.to_container(params) if params is not None else {}
+            # As Hydra's basic sweeper: the command line's value for a key replaces the sweeper's, and a
+            # command-line value with commas is a sweep of its own.
+            given_here = {o.partition("=")[0]: o.partition("=")[2] for o in overrides}
+            params = {k: v for k, v in params.items() if k not in given_here}
+            swept = {k: v for k, v in given_here.items() if "," in v and v[:1] not in "[{'\""}
+            params.update(swept)
+            overrides = [o for o in overrides if o.partition("=")[0] not in swept]
+            base = compose(config_name=config_name, overrides=[*search, *overrides], return_hydra_config=True)
             values = {key: [v.strip() for v in str(given).split(",")] for key, given in params.items()}
             cells = [{key: choices[0] for key, choices in values.items()}]
             cells += [{**cells[0], key: v} for key, choices in values.items() for v in choices[1:]]

@@ -88,6 +88,22 @@ def _question_records(run_dir: Path, task: str = "mmbench") -> dict[int, tuple[b
     return records
 
 
+def _many_options(runs: list[dict], task: str) -> list[float]:
+    """CircularEval correctness of every (seed, question) with three or more options (copies) in `task`."""
+    pooled = []
+    for run in runs:
+        path = run["dir"] / "eval" / task / "predictions.jsonl"
+        if not path.exists():
+            continue
+        copies, right = {}, {}
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            copies[row["q"]] = copies.get(row["q"], 0) + 1
+            right[row["q"]] = right.get(row["q"], True) and bool(row["correct"])
+        pooled += [float(right[q]) for q, n in copies.items() if n >= 3]
+    return pooled
+
+
 def _pooled(runs: list[dict], task: str) -> dict[str | None, list[float]]:
     """Per category (and None: all), the CircularEval correctness of every (seed, question) of `runs`."""
     pooled: dict[str | None, list[float]] = {None: []}
@@ -158,8 +174,7 @@ def summarize(cell: dict, *, n_boot: int = 1000) -> dict:
     row["mmbench_vanilla"] = _mean(e.get("mmbench", {}).get("vanilla_acc") for e in evals)
     row["vqa_acc"] = _mean(e.get("textvqa", {}).get("vqa_acc") for e in evals)
     row["vqa_blank"] = _mean(e.get("vqa_blank_image", {}).get("vqa_acc") for e in evals)
-    row["mmbench_blank_3plus"] = _mean(e.get("mmbench_blank_image", {}).get("circular_acc_3plus_options")
-                                       for e in evals)
+    row["mmbench_blank_3plus"] = _mean(_many_options(done, "mmbench_blank_image"))
     trains = [r["summary"].get("train", {}) for r in done]
     for key in ("wall_clock_s", "peak_mem_mb", "tokens_per_s", "flops_per_token", "tflops", "mfu", "final_loss"):
         row[key] = _mean(t.get(key) for t in trains)
@@ -179,6 +194,11 @@ def _answers(cell: dict) -> tuple[dict, dict]:
             answers[run["summary"].get("seed")] = {q: ok for q, (ok, _) in records.items()}
             categories.update({q: category for q, (_, category) in records.items()})
     return answers, categories
+
+
+def _common(a: dict, b: dict) -> set:
+    """The questions every run of both cells answered."""
+    return set.intersection(*(set(r) for r in (*a.values(), *b.values())))
 
 
 def _matrices(a: dict, b: dict, questions: set) -> tuple[np.ndarray, np.ndarray, bool, list]:
@@ -255,7 +275,7 @@ def paired_tests(cells: list[dict], *, n_boot: int = 1000, by_category: bool = F
     tests = []
     for a, b in pairs:
         (runs_a, cats_a), (runs_b, cats_b) = data[a], data[b]
-        common = set.intersection(*(set(r) for r in (*runs_a.values(), *runs_b.values())))
+        common = _common(runs_a, runs_b)
         categories = {**cats_a, **cats_b}
         groups = sorted({categories.get(q) for q in common} - {None}) if by_category else [None]
         for category in groups:
@@ -271,10 +291,8 @@ def paired_tests(cells: list[dict], *, n_boot: int = 1000, by_category: bool = F
 
 # The effects the tiny world builds in (docs/tiny_world.md): a known difference each control must find.
 CONTROLS = (
-    {"name": "vision side: the mark", "category": "mark_recognition", "component": "vision",
-     "trained": "the tower trains", "frozen": "the tower is frozen"},
-    {"name": "LM side: counting", "category": "object_counting", "component": "llm",
-     "trained": "the LM trains", "frozen": "the LM is frozen"},
+    {"name": "vision side: the mark", "category": "mark_recognition", "component": "vision"},
+    {"name": "LM side: counting", "category": "object_counting", "component": "llm"},
 )
 CONTROL_EFFECT = 0.15  # each trained cell beats each frozen one by at least this ...
 CONTROL_ALPHA = 0.01  # ... with a Holm-corrected p below this, over the control's family
@@ -303,8 +321,7 @@ def control_tests(cells: list[dict], *, n_boot: int = 1000) -> list[dict]:
         for a in trained:
             for b in frozen:
                 (runs_a, cats), (runs_b, _) = data[a], data[b]
-                common = set.intersection(*(set(r) for r in (*runs_a.values(), *runs_b.values())))
-                questions = {q for q in common if cats.get(q) == control["category"]}
+                questions = {q for q in _common(runs_a, runs_b) if cats.get(q) == control["category"]}
                 test = _compare(a, b, runs_a, runs_b, questions, n_boot=n_boot, category=control["category"])
                 if test is not None:
                     family.append(test)
