@@ -156,6 +156,11 @@ def hydra_arguments(args: list[str]) -> tuple[list[str], str | None, str]:
     return overrides, config_dir, config_name
 
 
+def _is_sweep(value: str) -> bool:
+    """A command-line value Hydra sweeps over: a comma list that is not a bracketed or quoted value."""
+    return "," in value and value[:1] not in "[{'\""
+
+
 def composed_configs(overrides: list[str], config_dir: str | None, config_name: str):
     """(overrides, config) of what the command composes: the run itself or, for a sweep, every value of each
     sweeper parameter (the other parameters at their first value)."""
@@ -164,7 +169,7 @@ def composed_configs(overrides: list[str], config_dir: str | None, config_name: 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
-            plain = [o for o in overrides if not ("," in o.partition("=")[2] and o.partition("=")[2][:1] not in "[{'\"")]
+            plain = [o for o in overrides if not _is_sweep(o.partition("=")[2])]
             base = compose(config_name=config_name, overrides=[*search, *plain], return_hydra_config=True)
             params = base.hydra.sweeper.get("params") if "sweeper" in base.hydra else None
             params = OmegaConf.to_container(params) if params is not None else {}
@@ -172,7 +177,7 @@ def composed_configs(overrides: list[str], config_dir: str | None, config_name: 
             # command-line value with commas is a sweep of its own.
             given_here = {o.partition("=")[0]: o.partition("=")[2] for o in overrides}
             params = {k: v for k, v in params.items() if k not in given_here}
-            swept = {k: v for k, v in given_here.items() if "," in v and v[:1] not in "[{'\""}
+            swept = {k: v for k, v in given_here.items() if _is_sweep(v)}
             params.update(swept)
             overrides = [o for o in overrides if o.partition("=")[0] not in swept]
             base = compose(config_name=config_name, overrides=[*search, *overrides], return_hydra_config=True)
