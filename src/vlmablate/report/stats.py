@@ -12,12 +12,12 @@ treats subjects × items): for the difference between two cells,
 
     Var(d) = σ²_question / Q + σ²_seed / S + σ²_residual / (S·Q)
 
-estimated from the two-way ANOVA mean squares (method of moments, a negative seed component set to
-zero), with Satterthwaite's degrees of freedom. With seeds shared by both cells the design is paired
-(one difference matrix); with disjoint seeds (an A/A comparison of one cell under two sets of seeds)
-each cell brings its own seed component. p and the 95% CI come from Student's t on those degrees of
-freedom, so with three seeds and a real seed effect they behave like a t-test over three runs, and
-without one like a test over questions.
+estimated from the two-way ANOVA mean squares (method of moments; the power figures set a negative
+component to zero, the test itself does not), with Satterthwaite's degrees of freedom. With seeds shared
+by both cells the design is paired (one difference matrix); with disjoint seeds (an A/A comparison of one
+cell under two sets of seeds) each cell brings its own seed component. p and the 95% CI come from
+Student's t on those degrees of freedom, so with three seeds and a real seed effect they behave like a
+t-test over three runs, and without one like a test over questions.
 
 A test that pools (seed, question) pairs as if independent (`eval.metrics.paired_difference`) counts
 question noise only, and counts the same questions S times: `null_rejection_rates` measures how often
