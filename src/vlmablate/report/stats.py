@@ -17,7 +17,7 @@ component to zero, the test itself does not), with Satterthwaite's degrees of fr
 by both cells the design is paired (one difference matrix); with disjoint seeds (an A/A comparison of one
 cell under two sets of seeds) each cell brings its own seed component. p and the 95% CI come from
 Student's t on those degrees of freedom, so with three seeds and a real seed effect they behave like a
-t-test over three runs, and without one like a test over questions.
+t-test over three runs; without one the test is conservative, since three runs cannot show there is none.
 
 A test that pools (seed, question) pairs as if independent (`eval.metrics.paired_difference`) counts
 question noise only, and counts the same questions S times: `null_rejection_rates` measures how often
