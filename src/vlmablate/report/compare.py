@@ -19,9 +19,9 @@ Holm, and "beyond noise" reads the corrected p. The positive controls (`CONTROLS
 built-in effects) test every cell that trains a component against every cell that freezes it, on the
 category made for it. A cell that trained the same config as an earlier one under another name is an
 A/A arm (the negative control): it is compared with that one only, in a section of its own. The plot
-draws the blank-image baseline, pooled over every cell and seed, as a band. Seed 000's columns (config,
-trainable params, MMBench accuracy, wall-clock) come first in the Markdown table so the two read side
-by side.
+draws the blank-image baseline, pooled over every cell and seed, as a band. The reference freeze table's
+columns (config, trainable params, MMBench accuracy, wall-clock) come first in the Markdown table so the
+two read side by side.
 """
 
 from __future__ import annotations
@@ -114,11 +114,12 @@ def _pooled(runs: list[dict], task: str) -> dict[str | None, list[float]]:
     return pooled
 
 
-SEED_ORDER = ("frozen_frozen", "frozen_lora", "unfrozen_lora", "full")  # seed 000's rows, in its order
+# the reference freeze table's rows, in its order
+REFERENCE_ORDER = ("frozen_frozen", "frozen_lora", "unfrozen_lora", "full")
 
 
 def collect(sweep_dir: Path) -> list[dict]:
-    """One entry per cell with its runs (in seed order); seed 000's cells first, in its order."""
+    """One entry per cell with its runs (in seed order); the reference freeze table's cells first, in its order."""
     cells: dict[str, dict] = {}
     for run_dir in find_runs(sweep_dir):
         run = _read(run_dir)
@@ -127,7 +128,7 @@ def collect(sweep_dir: Path) -> list[dict]:
         cell["runs"].append(run)
     for cell in cells.values():
         cell["runs"].sort(key=lambda r: (r["summary"].get("seed") is None, r["summary"].get("seed")))
-    rank = {name: k for k, name in enumerate(SEED_ORDER)}
+    rank = {name: k for k, name in enumerate(REFERENCE_ORDER)}
     return sorted(cells.values(), key=lambda c: (rank.get(c["cell"], len(rank)), c["cell"]))
 
 
@@ -136,10 +137,9 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _cell_ci(cell: dict, pooled: list[float], n_boot: int) -> list[float | None]:
+def _cell_ci(answers: dict, pooled: list[float], n_boot: int) -> list[float | None]:
     """95% CI of a cell's accuracy: from the crossed seeds × questions model with two or more seeds
     (training noise included), else a bootstrap over questions."""
-    answers, _ = _answers(cell)
     common = set.intersection(*(set(r) for r in answers.values())) if answers else set()
     if len(answers) < 2 or not common:
         return bootstrap_ci(pooled, n_boot=n_boot)
@@ -147,7 +147,8 @@ def _cell_ci(cell: dict, pooled: list[float], n_boot: int) -> list[float | None]
     return stats.cell_accuracy(np.array([[float(r[q]) for q in keys] for r in answers.values()]))["ci"]
 
 
-def summarize(cell: dict, *, n_boot: int = 1000) -> dict:
+def summarize(cell: dict, *, n_boot: int = 1000, answers: dict | None = None) -> dict:
+    """One cell's row; `answers` is the cell's `_answers` where the caller read them already."""
     config = cell["config"]
     done = [r for r in cell["runs"] if r["summary"].get("status") == "completed"]
     failed = [r for r in cell["runs"] if r["summary"].get("status") != "completed"]
@@ -165,7 +166,8 @@ def summarize(cell: dict, *, n_boot: int = 1000) -> dict:
     pooled, blank = _pooled(done, "mmbench"), _pooled(done, "mmbench_blank_image")
     if pooled[None]:
         row["mmbench_circular"] = float(np.mean(pooled[None]))
-        row["mmbench_ci_low"], row["mmbench_ci_high"] = _cell_ci(cell, pooled[None], n_boot)
+        answers = _answers(cell) if answers is None else answers
+        row["mmbench_ci_low"], row["mmbench_ci_high"] = _cell_ci(answers[0], pooled[None], n_boot)
     if blank[None]:
         row["mmbench_blank"] = float(np.mean(blank[None]))
     row["per_category"] = {c: {"circular": float(np.mean(v)), "blank": _mean(blank.get(c, [])), "n": len(v)}
@@ -181,6 +183,11 @@ def summarize(cell: dict, *, n_boot: int = 1000) -> dict:
     stage1 = {((r["summary"].get("lineage") or {}).get("stage1") or {}).get("hash") for r in done} - {None}
     row["stage1_artifact"] = ";".join(sorted(stage1))
     return row
+
+
+def answers_by_cell(cells: list[dict]) -> dict[str, tuple[dict, dict]]:
+    """Every cell's `_answers`, read once for all the report's tests."""
+    return {cell["cell"]: _answers(cell) for cell in cells}
 
 
 def _answers(cell: dict) -> tuple[dict, dict]:
@@ -258,14 +265,15 @@ def _twins(names: list[str], by_name: dict) -> dict[str, str]:
 
 
 def paired_tests(cells: list[dict], *, n_boot: int = 1000, by_category: bool = False,
-                 aa: bool = False) -> list[dict]:
+                 aa: bool = False, data: dict | None = None) -> list[dict]:
     """Every pair of cells on the questions both have: the crossed seeds × questions test (difference,
     95% CI, p, the power figures) and, as `p_holm`, Holm's correction over the returned family; with
     `by_category`, within each category (each test then carries its `category`), all in one family.
 
     A cell that trained the same config as an earlier one under another name (an A/A arm) is compared
-    only with that one, and only when `aa` is set (then nothing else is returned)."""
-    data = {cell["cell"]: _answers(cell) for cell in cells}
+    only with that one, and only when `aa` is set (then nothing else is returned). `data` is
+    `answers_by_cell(cells)` where the caller read it already."""
+    data = answers_by_cell(cells) if data is None else data
     names = [cell["cell"] for cell in cells if data[cell["cell"]][0]]
     twins = _twins(names, {cell["cell"]: cell for cell in cells})
     if aa:
@@ -304,11 +312,11 @@ def _trains(cell: dict, component: str) -> bool | None:
     return None if policy is None else policy != "frozen"
 
 
-def control_tests(cells: list[dict], *, n_boot: int = 1000) -> list[dict]:
+def control_tests(cells: list[dict], *, n_boot: int = 1000, data: dict | None = None) -> list[dict]:
     """The positive controls: for each effect in CONTROLS whose category the benchmark has, every cell
     that trains the component against every cell that freezes it, on that category; Holm over each
     control's family. A/A arms (a second name for a trained config) are left out."""
-    data = {cell["cell"]: _answers(cell) for cell in cells}
+    data = answers_by_cell(cells) if data is None else data
     by_name = {cell["cell"]: cell for cell in cells}
     names = [cell["cell"] for cell in cells if data[cell["cell"]][0]]
     twins = _twins(names, by_name)
@@ -499,13 +507,14 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = 1000) -> dict:
     cells = collect(sweep_dir)
     if not cells:
         raise FileNotFoundError(f"{sweep_dir}: no run directories (folders with summary.json) below it")
-    rows = [summarize(cell, n_boot=n_boot) for cell in cells]
+    data = answers_by_cell(cells)
+    rows = [summarize(cell, n_boot=n_boot, answers=data[cell["cell"]]) for cell in cells]
     _name_twin_labels(rows)
-    tests = paired_tests(cells, n_boot=n_boot)
-    category_tests = paired_tests(cells, n_boot=n_boot, by_category=True)
-    controls = control_tests(cells, n_boot=n_boot)
-    aa = {"overall": paired_tests(cells, n_boot=n_boot, aa=True),
-          "by_category": paired_tests(cells, n_boot=n_boot, by_category=True, aa=True)}
+    tests = paired_tests(cells, n_boot=n_boot, data=data)
+    category_tests = paired_tests(cells, n_boot=n_boot, by_category=True, data=data)
+    controls = control_tests(cells, n_boot=n_boot, data=data)
+    aa = {"overall": paired_tests(cells, n_boot=n_boot, aa=True, data=data),
+          "by_category": paired_tests(cells, n_boot=n_boot, by_category=True, aa=True, data=data)}
     done = [r for cell in cells for r in cell["runs"] if r["summary"].get("status") == "completed"]
     blank_pooled = _pooled(done, "mmbench_blank_image")[None]
     blank = (float(np.mean(blank_pooled)), *bootstrap_ci(blank_pooled, n_boot=n_boot)) if blank_pooled else None
