@@ -1,4 +1,4 @@
-"""GPU check: the seed's freeze grid on a llava-1.5-7b-shaped model with random weights, a few QLoRA steps a cell.
+"""GPU check: the reference freeze grid on a llava-1.5-7b-shaped model with random weights, a few QLoRA steps a cell.
 
     python benchmarks/gpu_check.py [--cells frozen_frozen frozen_lora unfrozen_lora full] [--steps 10]
                                    [--out gpu_check.json] [--work DIR]

@@ -130,7 +130,7 @@ def llm_flops(policy: str, vocab: int, projector_trains: bool) -> ComponentFlops
                           backward_attention=2 * NT * LLM_ATTN, backward_weights=weights)
 
 
-# (vision, projector trains, llm): the seed's grid first, then the cells where precision matters
+# (vision, projector trains, llm): the reference freeze grid first, then the cells where precision matters
 CELLS = [
     ("frozen", True, "frozen"),
     ("frozen", True, "lora"),

@@ -1,4 +1,4 @@
-"""Sweeps: the seed's grid as a Hydra multirun (test world, few steps), idempotent re-runs, a failed cell
+"""Sweeps: the reference freeze grid as a Hydra multirun (test world, few steps), idempotent re-runs, a failed cell
 that leaves the others completed, the report, the cluster and W&B sweep definitions, the notebook."""
 
 from __future__ import annotations

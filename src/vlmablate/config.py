@@ -307,10 +307,10 @@ class LoggerConfig:
 
 @dataclass
 class CellConfig:
-    """A named cell of the seed's freeze grid: it picks `vision` and `freeze` together (`none`: leave them)."""
+    """A named cell of the reference freeze grid: it picks `vision` and `freeze` together (`none`: leave them)."""
 
     name: str = "none"
-    label: str = ""  # how the report names the cell (seed 000's wording)
+    label: str = ""  # how the report names the cell (the reference freeze table's wording)
     vision: Optional[str] = None  # the vision policy and freeze option the cell stands for
     freeze: Optional[str] = None
 
@@ -321,7 +321,7 @@ class PlanConfig:
 
     gpu_gb: float = 24.0  # an RTX 4090
     seq_len: Optional[int] = None  # null: model.max_length (the worst case)
-    grid: bool = True  # also plan the seed's four freeze cells
+    grid: bool = True  # also plan the reference freeze table's four cells
     gpu: str = "rtx4090"  # the GPU of the time estimate: a key of train/mfu.py's GPU_PEAKS (its bf16 dense peak)
     mfu: float = 0.35  # the model FLOPs utilisation the time estimate assumes
 

@@ -16,7 +16,7 @@ per-component table is counted the same way. Then peak GPU memory is estimated t
 - a fixed 1 GiB for the CUDA context and allocator slack.
 
 The sequence length is `plan.seq_len` (null: `model.max_length`, the worst case) at the preset's
-per-device batch. Besides the chosen cell, the four cells of the seed's freeze grid are listed.
+per-device batch. Besides the chosen cell, the four cells of the reference freeze grid are listed.
 
 Compute: the training FLOPs per token of each cell (`model.flops.flops_from_config`: forward, activation
 and weight gradients, attention), for a sample of that same sequence length carrying one image (LlavaNext:
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 HUB_CONFIGS = Path(__file__).parent / "model" / "hub_configs"
 GIB = 2**30
-# The seed's table: (name, vision option, freeze option)
+# The reference freeze table: (name, vision option, freeze option)
 SEED_GRID = (("frozen vision + frozen LLM", "frozen", "frozen_llm"),
              ("frozen vision + LoRA LLM", "frozen", "lora_llm"),
              ("unfrozen vision + LoRA LLM", "unfrozen", "lora_llm"),
@@ -289,7 +289,8 @@ def plan_cell(cfg: RunConfig) -> dict:
 
 
 def grid_cells(cfg: RunConfig, compose) -> list[tuple[str, dict | str]]:
-    """The seed's four cells on this model, train preset and quantization (none for full fine-tuning)."""
+    """The reference freeze table's four cells on this model, train preset and quantization (none for full
+    fine-tuning)."""
     out = []
     for name, vision, freeze in SEED_GRID:
         quant = "none" if freeze == "full_llm" else cfg.quant.mode
@@ -361,7 +362,7 @@ def main(cfg: DictConfig) -> None:
     print(format_compute(result["compute"]))
     cells = grid_cells(run_cfg, compose) if run_cfg.plan.grid else []
     if cells:
-        print(f"\nthe seed's freeze grid on {run_cfg.model.name} (train={run_cfg.train.name}):")
+        print(f"\nthe reference freeze grid on {run_cfg.model.name} (train={run_cfg.train.name}):")
         print(format_grid(cells, run_cfg.plan.gpu_gb))
     out = Path(HydraConfig.get().runtime.output_dir) / "plan.json"
     out.write_text(json.dumps({"cell": result, "grid": [{"cell": n, **(c if isinstance(c, dict) else {"error": c})}

@@ -122,7 +122,7 @@ def _frozen_quantized_llm_allowed(model, plan: FreezePlan):
     """Let Trainer take a quantized model whose trainable parameters are all full precision.
 
     Trainer refuses a quantized model without PEFT adapters, assuming its trainable weights would be
-    quantized ones. The seed's first cell on a 4090 (4-bit LLM frozen, projector trained) is exactly
+    quantized ones. The reference freeze table's first cell on a 4090 (4-bit LLM frozen, projector trained) is exactly
     the case it misjudges: what trains is on bitsandbytes' skip list. That is checked here, parameter
     by parameter, and only then is Trainer's own check passed over.
     """
