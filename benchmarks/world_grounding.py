@@ -9,12 +9,15 @@ image. It runs twice from the same projector initialisation: with the world's pr
 the same LM re-initialised, so an LM that cannot learn to read the image shows up against one that
 starts from nothing. `--projector stage1` starts both from the main job's stage-1 projector instead,
 which measures the head start stage 1 gives. `--vision-lr` trains the tower too (the unfrozen-vision
-policy's question, in isolation), and `--answers sentence` asks for the instruct data's full sentence
-("The triangle is red.") instead of LLaVA-1.5's one-word short answer.
+policy's question, in isolation), `--freeze-lm` trains the projector (and the tower, if asked) with the LM
+frozen (the frozen-LLM policy's question), `--answers choice` asks in MMBench's layout for the option's
+letter, and `--answers sentence` for the instruct data's full sentence ("The triangle is red.") instead of
+LLaVA-1.5's one-word short answer.
 
     python benchmarks/world_grounding.py [--categories colour|all|...] [--max-objects 5] [--steps 300]
                                          [--eval-every 100] [--lr 1e-3] [--vision-lr 0] [--lms world,fresh]
-                                         [--projector fresh|stage1] [--answers short|sentence] [override ...]
+                                         [--freeze-lm] [--projector fresh|stage1] [--answers short|choice|sentence]
+                                         [override ...]
 
 Overrides are the main job's (`world=test`, `world.seed=1`, ...); the world is built first if missing.
 """
@@ -37,7 +40,7 @@ from vlmablate.model.projector_io import load_projector
 from vlmablate.train.runner import prepare_model, run
 from vlmablate.train.stages import compose_config, ensure_stage1
 from vlmablate.world import language
-from vlmablate.world.data import SHORT_ANSWER_PROMPT
+from vlmablate.world.data import CHOICE_PROMPT, LETTERS, SHORT_ANSWER_PROMPT
 from vlmablate.world.scenes import Scene, render, sample_scene, scene_rng
 
 
@@ -48,7 +51,9 @@ class Task:
     def __init__(self, processor, categories: list[str], max_objects: int, seed: int, answers: str = "short"):
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.categories, self.max_objects, self.seed = categories, max_objects, seed
-        self.answers = answers  # "short": a word after LLaVA-1.5's short-answer prompt; "sentence": a sentence
+        # "short": a word after LLaVA-1.5's short-answer prompt; "choice": the option's letter after its MMBench
+        # prompt (options shuffled per question); "sentence": the instruct data's sentence
+        self.answers = answers
 
     def example(self, split: str, index: int, blank: bool = False) -> tuple[str, str, object, str]:
         rng = scene_rng(self.seed, f"grounding-{split}", index)
@@ -58,6 +63,10 @@ class Task:
             item = language.question(scene, rng.choice(self.categories), rng)
         if self.answers == "short":
             prompt, answer = chat_prompt(self.processor, f"{item['question']}\n{SHORT_ANSWER_PROMPT}"), item["answer"]
+        elif self.answers == "choice":  # MMBench's layout: the options, then the letter of the right one
+            options = "\n".join(f"{letter}. {option}" for letter, option in zip(LETTERS, item["options"]))
+            prompt = chat_prompt(self.processor, f"{item['question']}\n{options}\n{CHOICE_PROMPT}")
+            answer = LETTERS[item["options"].index(item["answer"])]
         else:  # the sentence names the object again before the answer word: "The triangle is red."
             prompt, answer = chat_prompt(self.processor, item["question"]), item["sentence"]
         image = render(Scene(()) if blank else scene)
@@ -106,6 +115,9 @@ def curve(loaded, task: Task, *, fresh_lm: bool, args) -> list[tuple[int, dict, 
         model.lm_head.load_state_dict(fresh.lm_head.state_dict())
     tower, rest = [], []
     for name, param in model.named_parameters():
+        if args.freeze_lm and not name.startswith(("model.vision_tower", "model.multi_modal_projector")):
+            param.requires_grad = False  # the LM and its head stay as they are
+            continue
         (tower if name.startswith("model.vision_tower") else rest).append(param)
     for param in tower:
         param.requires_grad = args.vision_lr > 0
@@ -137,9 +149,10 @@ def main() -> None:
     parser.add_argument("--categories", default="colour",
                         help=f"comma-separated, from {', '.join(language.CATEGORIES)}; 'all' for every one")
     parser.add_argument("--max-objects", type=int, default=5)
-    parser.add_argument("--answers", choices=("short", "sentence"), default="short",
-                        help="short: one word after LLaVA-1.5's short-answer prompt; sentence: the instruct "
-                             "data's full sentence (\"The triangle is red.\"), scored by exact match")
+    parser.add_argument("--answers", choices=("short", "choice", "sentence"), default="short",
+                        help="short: one word after LLaVA-1.5's short-answer prompt; choice: the option's letter "
+                             "after its MMBench prompt; sentence: the instruct data's full sentence (\"The "
+                             "triangle is red.\"); all scored by exact match")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-n", type=int, default=200)
@@ -147,6 +160,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--vision-lr", type=float, default=0.0,
                         help="train the vision tower too, at this LR (0, the default: the tower stays frozen)")
+    parser.add_argument("--freeze-lm", action="store_true",
+                        help="train the projector (and the tower with --vision-lr) only; the LM stays frozen")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lms", default="world,fresh", help="which LMs to train: world, fresh or both")
     parser.add_argument("--projector", choices=("fresh", "stage1"), default="fresh",
@@ -179,7 +194,8 @@ def main() -> None:
         curves[name] = curve(loaded, task, fresh_lm=fresh_lm, args=args)
 
     print(f"\n{', '.join(categories)} questions, 1-{args.max_objects} objects, batch {args.batch_size}, "
-          f"lr {args.lr}, {args.projector} projector + whole LM trained"
+          f"lr {args.lr}, {args.projector} projector"
+          + (" trained, LM frozen" if args.freeze_lm else " + whole LM trained")
           + (f" + vision tower at lr {args.vision_lr}" if args.vision_lr > 0 else "")
           + (", answers in full sentences (exact match)" if args.answers == "sentence" else "")
           + f"; accuracy on {args.eval_n} held-out questions")

@@ -14,7 +14,7 @@ from vlmablate.model.load import load_model
 from vlmablate.model.plan import resolve_plan
 from vlmablate.train.runner import prepare_model
 from vlmablate.world import language
-from vlmablate.world.data import SHORT_ANSWER_PROMPT
+from vlmablate.world.data import CHOICE_PROMPT, SHORT_ANSWER_PROMPT
 
 
 def composed_test_world_model():
@@ -108,17 +108,31 @@ def test_sentence_answers_drop_the_short_answer_prompt(grounding, task):
     assert sentences.tokenizer.decode(kept) == f" {sentence}{sentences.tokenizer.eos_token}"
 
 
-@pytest.mark.parametrize("vision_lr", [0.0, 1e-2])
-def test_the_tower_trains_only_with_a_vision_lr(grounding, vision_lr):
+@pytest.mark.parametrize(("vision_lr", "freeze_lm"), [(0.0, False), (1e-2, False), (1e-2, True)])
+def test_the_tower_trains_only_with_a_vision_lr_and_the_lm_only_unfrozen(grounding, vision_lr, freeze_lm):
     loaded = composed_test_world_model()
     task = grounding.Task(loaded.processor, ["shape"], max_objects=2, seed=0)
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    args = argparse.Namespace(seed=0, lr=1e-2, vision_lr=vision_lr, steps=1, eval_every=1, eval_n=2, batch_size=2)
+    args = argparse.Namespace(seed=0, lr=1e-2, vision_lr=vision_lr, steps=1, eval_every=1, eval_n=2, batch_size=2,
+                              freeze_lm=freeze_lm)
     (row,) = grounding.curve(loaded, task, fresh_lm=False, args=args)
     assert row[0] == 1
     changed = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
     tower = {n for n in before if n.startswith("model.vision_tower")}
     assert any(n.startswith("model.multi_modal_projector") for n in changed)
-    assert any(n.startswith("model.language_model") for n in changed)
+    assert any(n.startswith("model.language_model") for n in changed) == (not freeze_lm)
+    assert not any(n.startswith("lm_head") for n in changed) or not freeze_lm
     # the tower's layer LLaVA reads (-2) moves only when trained; its last layer feeds nothing
     assert bool(changed & tower) == (vision_lr > 0)
+
+
+def test_choice_answers_are_the_letter_of_the_right_option(grounding, task):
+    choices = grounding.Task(task.processor, ["colour", "counting"], max_objects=3, seed=0, answers="choice")
+    _, word, _, _ = task.example("train", 5)
+    prompt, letter, _, _ = choices.example("train", 5)
+    options = dict(re.findall(r"^([ABCD])\. (.+)$", prompt, flags=re.M))
+    assert CHOICE_PROMPT in prompt and SHORT_ANSWER_PROMPT not in prompt
+    assert len(options) >= 2 and options[letter] == word  # the same question; its answer stands at the letter
+    batch = choices.batch(5, 1)
+    kept = batch["labels"][0][batch["labels"][0] != -100]
+    assert choices.tokenizer.decode(kept) == f" {letter}{choices.tokenizer.eos_token}"
