@@ -192,7 +192,8 @@ def test_the_sweep_report_has_the_compute_columns(tmp_path):
                                                       "cell": {"name": "cell", "label": "CELL"}}))
     (row,) = write_report(tmp_path, n_boot=10)["rows"]
     assert (row["flops_per_token"], row["tflops"], row["mfu"]) == (3.5e10, 60.5, pytest.approx(0.3))
-    header, _, line = (tmp_path / "comparison.md").read_text().splitlines()[:3]
+    table = (tmp_path / "comparison.md").read_text().split("## The cells\n\n")[1]  # after the decision
+    header, _, line = table.splitlines()[:3]
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))
     assert (cells["FLOPs/token"], cells["TFLOP/s"], cells["MFU"]) == ("3.5e+10", "60.5", "0.3")
     assert "flops_per_token,tflops,mfu" in (tmp_path / "comparison.csv").read_text().splitlines()[0]

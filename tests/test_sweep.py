@@ -49,7 +49,9 @@ def test_the_grid_runs_and_is_reported(grid):
     # trainable parameters of tiny_random, as test_plan.py derives them
     assert [int(r["trainable_params"]) for r in rows] == [6_272, 39_040, 62_912, 180_992]
     md = (folder / "comparison.md").read_text()
-    assert md.splitlines()[0].startswith("| Config | Trainable params | MM-Bench circular (95% CI) | Wall-clock")
+    assert md.startswith("# Comparison of the sweep's cells\n\n## Decision per budget\n\n")
+    table = md.split("## The cells\n\n")[1]
+    assert table.startswith("| Config | Trainable params | MM-Bench circular (95% CI) | Wall-clock")
     assert "Full FT (vision + LLM + projector)" in md and "Paired differences" in md
     assert (folder / "comparison.png").stat().st_size > 10_000
     summary = json.loads((folder / "frozen_lora" / "seed0" / "summary.json").read_text())

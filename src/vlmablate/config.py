@@ -327,6 +327,16 @@ class PlanConfig:
 
 
 @dataclass
+class ReportConfig:
+    """What a sweep's report decides on (`python -m vlmablate.report` takes the same as arguments; `plan` decides
+    on `budgets` from its estimates): GPU memory (`24GiB`, or a plain number of GiB) and/or wall-clock per run
+    (`2h`, `30min`, `90s`) budgets, and the most retention loss a pick may have (null: retention is not asked)."""
+
+    budgets: list[str] = field(default_factory=lambda: ["24GiB", "80GiB"])  # one RTX 4090; one A100 or H100
+    max_retention_loss: Optional[float] = None
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     vision: VisionConfig = MISSING
@@ -342,6 +352,7 @@ class RunConfig:
     cell: CellConfig = field(default_factory=CellConfig)
     run_dir: Optional[str] = None  # `python -m vlmablate.eval run_dir=PATH`: the finished run to evaluate
     plan: PlanConfig = field(default_factory=PlanConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 GROUP_SCHEMAS = {
@@ -480,6 +491,7 @@ def validate(cfg: RunConfig, overrides: Sequence[str] = ()) -> None:
                           "eval.vqa_image_root=DIR, or eval=none")
     _validate_data(cfg.data)
     _validate_question_weights(cfg.world.question_weights)
+    _validate_report(cfg.report)
     if cfg.cell.name != "none" and (cfg.vision.policy, cfg.freeze.name) != (cfg.cell.vision, cfg.cell.freeze):
         raise ConfigError(f"cell={cfg.cell.name} is vision={cfg.cell.vision} freeze={cfg.cell.freeze}, but the run has "
                           f"vision={cfg.vision.policy} freeze={cfg.freeze.name}; drop the vision/freeze overrides "
@@ -506,6 +518,17 @@ def _validate_sharding(cfg: RunConfig) -> None:
             raise ConfigError(f"QLoRA under FSDP: model.torch_dtype={cfg.model.torch_dtype} but quant.storage="
                               f"{quant.storage}; FSDP wraps a layer's weights together only when they share one "
                               f"dtype, so set model.torch_dtype={quant.storage}")
+
+
+def _validate_report(report: ReportConfig) -> None:
+    """A typo in a budget fails before the sweep runs, not when its report is written."""
+    from vlmablate.report.decision import parse_budgets, parse_max_retention_loss
+
+    try:
+        parse_budgets(report.budgets)
+        parse_max_retention_loss(report.max_retention_loss)
+    except ValueError as err:
+        raise ConfigError(f"report: {err}") from None
 
 
 def _validate_question_weights(weights) -> None:

@@ -16,7 +16,9 @@ per-component table is counted the same way. Then peak GPU memory is estimated t
 - a fixed 1 GiB for the CUDA context and allocator slack.
 
 The sequence length is `plan.seq_len` (null: `model.max_length`, the worst case) at the preset's
-per-device batch. Besides the chosen cell, the four cells of the reference freeze grid are listed.
+per-device batch. Besides the chosen cell, the four cells of the reference freeze grid are listed, and
+the decision per budget (`report.budgets`) the report would end with, from these estimates: accuracy is
+unknown before any run, so the cells that fit are ranked by cost alone (`report/decision.py`).
 
 Compute: the training FLOPs per token of each cell (`model.flops.flops_from_config`: forward, activation
 and weight gradients, attention), for a sample of that same sequence length carrying one image (LlavaNext:
@@ -40,6 +42,7 @@ from torch import nn
 from vlmablate.config import ConfigError, ModelConfig, RunConfig, register_configs, to_run_config, validate
 from vlmablate.model.flops import flops_from_config
 from vlmablate.model.plan import COMPONENTS, apply_plan, parameter_table, resolve_plan, unwrap
+from vlmablate.report.decision import Budget, decide, decision_text, parse_budgets
 from vlmablate.train.mfu import GPU_PEAKS
 
 register_configs()
@@ -343,6 +346,40 @@ def format_grid(cells: list[tuple[str, dict | str]], gpu_gb: float) -> str:
     return "\n".join(lines)
 
 
+def estimated_peak_gib(config: dict) -> float | None:
+    """The peak GPU memory estimate (GiB) for a finished run's composed config: the report's stand-in where the
+    runs measured none (CPU runs). None where the config cannot be planned (a schema it predates, a model
+    whose config is out of reach)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return plan_cell(to_run_config(OmegaConf.create(config)))["memory_gib"]["total"]
+    except Exception as err:  # a fallback only: without it the decision says the budget cannot be checked
+        log.info("no memory estimate for a run of this config: %s", err)
+        return None
+
+
+def grid_decision(cells: list[tuple[str, dict | str]], budgets: list[Budget]) -> dict:
+    """The report's decision per budget over the grid's estimates: memory, and wall-clock as one epoch (where
+    the data declares its size); no accuracy, so the cells are ranked by cost alone."""
+    rows = []
+    for name, cell in cells:
+        if isinstance(cell, str):
+            rows.append({"cell": name, "status": "invalid", "error": cell})
+            continue
+        rows.append({"cell": name, "status": "planned", "peak_mem_estimated_gib": cell["memory_gib"]["total"],
+                     "wall_clock_estimated_s": cell["compute"]["epoch_seconds"],
+                     "trainable_params": cell["params"]["trainable"]["total"]})
+    return decide(rows, [], budgets)
+
+
+def format_decision(decision: dict, mfu: float) -> str:
+    timed = any(d["kind"] == "time" for d in decision["budgets"])
+    time = f", wall-clock as one epoch at MFU {mfu:g}" if timed else ""
+    return decision_text(decision, f"the decision per budget (report.budgets) from these estimates{time}; accuracy is "
+                                   "unknown before any run, so the cells that fit are ranked by cost alone:")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from hydra import compose as hydra_compose
@@ -361,12 +398,14 @@ def main(cfg: DictConfig) -> None:
     print(format_plan(result, run_cfg.plan.gpu_gb))
     print(format_compute(result["compute"]))
     cells = grid_cells(run_cfg, compose) if run_cfg.plan.grid else []
+    decision = grid_decision(cells, parse_budgets(run_cfg.report.budgets)) if cells else None
     if cells:
         print(f"\nthe reference freeze grid on {run_cfg.model.name} (train={run_cfg.train.name}):")
         print(format_grid(cells, run_cfg.plan.gpu_gb))
+        print("\n" + format_decision(decision, run_cfg.plan.mfu))
     out = Path(HydraConfig.get().runtime.output_dir) / "plan.json"
     out.write_text(json.dumps({"cell": result, "grid": [{"cell": n, **(c if isinstance(c, dict) else {"error": c})}
-                                                        for n, c in cells]}, indent=2))
+                                                        for n, c in cells], "decision": decision}, indent=2))
     print(f"plan written to {out}")
 
 

@@ -1,33 +1,55 @@
-"""`python -m vlmablate.report sweep_dir=PATH`: compare the cells of a sweep (comparison.csv / .md / .png)."""
+"""`python -m vlmablate.report sweep_dir=PATH [budgets=24,80GiB,2h] [max_retention_loss=0.05] [n_boot=1000]`:
+compare the cells of a sweep (comparison.csv / .md / .json / .png) and decide per budget.
+
+Budgets and the retention limit not given here come from the sweep's `report` block (every run's config
+carries one), else 24 GiB and 80 GiB with retention not asked.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from vlmablate.report.compare import write_report
+from vlmablate.report.compare import console_report, write_report
+from vlmablate.report.decision import parse_budgets, parse_max_retention_loss
+
+USAGE = "usage: python -m vlmablate.report sweep_dir=PATH [budgets=24,80GiB,2h] [max_retention_loss=0.05] [n_boot=1000]"
+KEYS = ("sweep_dir", "n_boot", "budgets", "max_retention_loss")
 
 
 def parse(argv: list[str]) -> dict:
+    """`key=value` arguments; budgets and the retention limit parsed (a bad one exits naming it)."""
     args = {}
     for item in argv:
         key, sep, value = item.partition("=")
-        if not sep or key not in ("sweep_dir", "n_boot"):
-            raise SystemExit(f"usage: python -m vlmablate.report sweep_dir=PATH [n_boot=1000]; got {item!r}")
+        if not sep or key not in KEYS:
+            raise SystemExit(f"{USAGE}; got {item!r}")
         args[key] = value
     if "sweep_dir" not in args:
-        raise SystemExit("usage: python -m vlmablate.report sweep_dir=PATH [n_boot=1000]")
+        raise SystemExit(USAGE)
+    try:
+        if "budgets" in args:
+            args["budgets"] = parse_budgets(args["budgets"])
+        if "max_retention_loss" in args:
+            args["max_retention_loss"] = parse_max_retention_loss(args["max_retention_loss"])
+    except ValueError as err:
+        raise SystemExit(f"{err}\n{USAGE}") from None
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
+    from vlmablate.report.wandb_log import log_decision
+
     args = parse(sys.argv[1:] if argv is None else argv)
     sweep_dir = Path(args["sweep_dir"])
-    result = write_report(sweep_dir, n_boot=int(args.get("n_boot", 1000)))
-    print((sweep_dir / "comparison.md").read_text())
-    print(f"written: {sweep_dir / 'comparison.csv'}, {sweep_dir / 'comparison.md'}, {sweep_dir / 'comparison.png'}")
-    if result["wandb_offline"]:
-        print("W&B runs were logged offline; upload them with:\n  wandb sync " + " ".join(result["wandb_offline"]))
+    settings = {key: args[key] for key in ("budgets", "max_retention_loss") if key in args}
+    result = write_report(sweep_dir, n_boot=int(args.get("n_boot", 1000)), settings=settings)
+    print(console_report(result, sweep_dir))
+    # the runs' logger: with W&B, the decision goes to the sweep's group there too
+    decided = log_decision(result["logger"], result["decision"], sweep_dir=sweep_dir) if result["logger"] else None
+    offline = result["wandb_offline"] + ([decided] if decided else [])
+    if offline:
+        print("W&B runs were logged offline; upload them with:\n  wandb sync " + " ".join(offline))
 
 
 if __name__ == "__main__":

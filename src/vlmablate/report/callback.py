@@ -1,4 +1,8 @@
-"""A Hydra callback that writes the comparison report when a multirun ends (sweeps/*.yaml register it)."""
+"""A Hydra callback that writes the comparison report when a multirun ends (sweeps/*.yaml register it).
+
+The sweep's `report` block (budgets, max_retention_loss) sets what the report decides on; with
+`logger=wandb` the decision also goes to the sweep's W&B group.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,37 @@ import logging
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
 
+def report_settings(config: DictConfig) -> dict:
+    """The sweep config's `report` block as `write_report` settings (the schema's defaults where it has none)."""
+    from vlmablate.config import ReportConfig
+    from vlmablate.report.decision import parse_budgets, parse_max_retention_loss
+
+    block = OmegaConf.to_container(config.report, resolve=True) if "report" in config else {}
+    block = {**vars(ReportConfig()), **block}
+    return {"budgets": parse_budgets(block["budgets"]),
+            "max_retention_loss": parse_max_retention_loss(block["max_retention_loss"])}
+
+
 class ReportCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from vlmablate.report.compare import write_report
+        from vlmablate.report.compare import console_report, write_report
+        from vlmablate.report.wandb_log import log_decision
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            result = write_report(sweep_dir)
+            result = write_report(sweep_dir, settings=report_settings(config))
         except Exception:  # the runs are done and saved; a report can be made again by hand
             log.exception("the sweep's report failed; run `python -m vlmablate.report sweep_dir=%s`", sweep_dir)
             return
         log.info("sweep report: %s", sweep_dir / "comparison.md")
-        print((sweep_dir / "comparison.md").read_text())
-        if result["wandb_offline"]:
-            print("W&B runs were logged offline; upload them with:\n  wandb sync " + " ".join(result["wandb_offline"]))
+        print(console_report(result, sweep_dir))
+        logger = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else {}
+        decided = log_decision(logger, result["decision"], sweep_dir=sweep_dir)
+        offline = result["wandb_offline"] + ([decided] if decided else [])
+        if offline:
+            print("W&B runs were logged offline; upload them with:\n  wandb sync " + " ".join(offline))

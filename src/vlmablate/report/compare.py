@@ -22,6 +22,10 @@ A/A arm (the negative control): it is compared with that one only, in a section 
 draws the blank-image baseline, pooled over every cell and seed, as a band. The reference freeze table's
 columns (config, trainable params, MMBench accuracy, wall-clock) come first in the Markdown table so the
 two read side by side.
+
+The report opens (comparison.md, comparison.json) and ends (the console) with a decision per budget
+(`report/decision.py`): the cell to pick by these tests, and why. Where the runs measured no GPU memory,
+plan's estimate for the cell stands in, marked as estimated.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmablate.eval.metrics import bootstrap_ci, paired_difference
-from vlmablate.report import stats
+from vlmablate.report import decision, stats
 
 CSV_COLUMNS = ("cell", "label", "vision", "freeze", "quant", "status", "seeds", "failed_seeds", "trainable_params",
                "trainable_pct", "total_params", "mmbench_circular", "mmbench_ci_low", "mmbench_ci_high",
@@ -116,6 +120,7 @@ def _pooled(runs: list[dict], task: str) -> dict[str | None, list[float]]:
 
 # the reference freeze table's rows, in its order
 REFERENCE_ORDER = ("frozen_frozen", "frozen_lora", "unfrozen_lora", "full")
+TITLE = "Comparison of the sweep's cells"
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -155,6 +160,7 @@ def summarize(cell: dict, *, n_boot: int = 1000, answers: dict | None = None) ->
     row = {"cell": cell["cell"], "label": cell["label"], "vision": config.get("vision", {}).get("policy"),
            "freeze": config.get("freeze", {}).get("name"), "quant": config.get("quant", {}).get("mode"),
            "seeds": len(done), "failed_seeds": ";".join(str(r["summary"].get("seed")) for r in failed),
+           "completed_seeds": ";".join(str(r["summary"].get("seed")) for r in done),
            "status": "completed" if done and not failed else ("partial" if done else "failed")}
     if failed and not done:
         row["error"] = failed[0]["summary"].get("error", "")
@@ -180,6 +186,9 @@ def summarize(cell: dict, *, n_boot: int = 1000, answers: dict | None = None) ->
     trains = [r["summary"].get("train", {}) for r in done]
     for key in ("wall_clock_s", "peak_mem_mb", "tokens_per_s", "flops_per_token", "tflops", "mfu", "final_loss"):
         row[key] = _mean(t.get(key) for t in trains)
+    # where peak_mem_mb was measured: a GPU's allocator ("cuda:0"), or the process on the CPU
+    devices = {(r["summary"].get("determinism") or {}).get("device") for r in done} - {None}
+    row["device"] = ";".join(sorted(devices)) or None
     stage1 = {((r["summary"].get("lineage") or {}).get("stage1") or {}).get("hash") for r in done} - {None}
     row["stage1_artifact"] = ";".join(sorted(stage1))
     return row
@@ -243,6 +252,7 @@ def _same_training(a: dict, b: dict) -> bool:
     def training(cell):
         config = json.loads(json.dumps(cell["config"], default=str))
         config.pop("cell", None)
+        config.pop("report", None)  # what the report decides on, not what the cell trained
         config.get("train", {}).pop("seed", None)
         return config
 
@@ -501,8 +511,40 @@ def plot(rows: list[dict], path: Path, blank: tuple[float, float, float] | None 
     plt.close(fig)
 
 
-def write_report(sweep_dir: str | Path, *, n_boot: int = 1000) -> dict:
-    """Write comparison.csv / .md / .png into the sweep folder; return the rows and tests."""
+def _report_settings(cells: list[dict], settings: dict) -> tuple[list, float | None]:
+    """The budgets and retention limit in `settings`, else the sweep's `report` block (every run's config has
+    one), else the defaults."""
+    block = next((c["config"]["report"] for c in cells if isinstance(c["config"].get("report"), dict)), {})
+    budgets = settings.get("budgets") or decision.parse_budgets(block.get("budgets") or decision.DEFAULT_BUDGETS)
+    if "max_retention_loss" in settings:
+        return budgets, settings["max_retention_loss"]
+    return budgets, decision.parse_max_retention_loss(block.get("max_retention_loss"))
+
+
+def _estimate_memory(cells: list[dict], rows: list[dict], skip: set) -> None:
+    """Plan's peak GPU memory estimate for each cell whose runs measured none (CPU runs), from its config."""
+    for cell, row in zip(cells, rows):
+        if not decision.measured_on_gpu(row) and cell["config"] and row["seeds"] and cell["cell"] not in skip:
+            from vlmablate.plan import estimated_peak_gib  # torch and transformers: only where needed
+
+            row["peak_mem_estimated_gib"] = estimated_peak_gib(cell["config"])
+
+
+def make_decision(cells: list[dict], rows: list[dict], tests: list[dict], aa: dict, settings: dict) -> dict:
+    """The decision per budget (`report/decision.py`) over the report's rows and overall paired tests."""
+    budgets, max_retention_loss = _report_settings(cells, settings)
+    twins = {t["b"]: t["a"] for t in aa["overall"]}
+    if any(b.kind == "memory" for b in budgets):
+        _estimate_memory(cells, rows, set(twins))
+    grid = REFERENCE_ORDER if any(r["cell"] in REFERENCE_ORDER for r in rows) else ()
+    return decision.decide(rows, tests, budgets, max_retention_loss=max_retention_loss, twins=twins, grid=grid)
+
+
+def write_report(sweep_dir: str | Path, *, n_boot: int = 1000, settings: dict | None = None) -> dict:
+    """Write comparison.csv / .md / .png / .json into the sweep folder; return the rows, tests and decision.
+
+    `settings`: `budgets` (`decision.Budget`s) and `max_retention_loss` (None: not asked); what it leaves out
+    comes from the sweep's `report` block."""
     sweep_dir = Path(sweep_dir)
     cells = collect(sweep_dir)
     if not cells:
@@ -522,14 +564,24 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = 1000) -> dict:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (sweep_dir / "comparison.md").write_text(to_markdown(rows, tests, category_tests, controls, aa))
+    decided = make_decision(cells, rows, tests, aa, settings or {})
+    tables = to_markdown(rows, tests, category_tests, controls, aa)
+    (sweep_dir / "comparison.md").write_text(f"# {TITLE}\n\n{decision.decision_markdown(decided)}\n"
+                                             f"## The cells\n\n{tables}")
     plot(rows, sweep_dir / "comparison.png", blank)
-    report = {"rows": rows, "paired": tests, "paired_by_category": category_tests, "controls": controls, "aa": aa,
-              "blank_band": blank}
+    report = {"decision": decided, "rows": rows, "paired": tests, "paired_by_category": category_tests,
+              "controls": controls, "aa": aa, "blank_band": blank}
     (sweep_dir / "comparison.json").write_text(json.dumps(report, indent=2, default=str))
     offline = sorted({str(p) for cell in cells for run in cell["runs"]
                       for p in (run["dir"] / "wandb").glob("offline-run-*")})
-    return {**report, "wandb_offline": offline}
+    logger = next((c["config"]["logger"] for c in cells if isinstance(c["config"].get("logger"), dict)), None)
+    return {**report, "markdown": tables, "wandb_offline": offline, "logger": logger}
+
+
+def console_report(result: dict, sweep_dir: Path) -> str:
+    """What the report prints: the tables, the files written, and the decision last."""
+    files = ", ".join(str(sweep_dir / f"comparison.{ext}") for ext in ("csv", "md", "json", "png"))
+    return f"{result['markdown']}\nwritten: {files}\n\n{decision.decision_text(result['decision'])}"
 
 
 def _name_twin_labels(rows: list[dict]) -> None:

@@ -1,4 +1,5 @@
-"""Weights & Biases for one run: flat config keys, stage as job type, policies as tags.
+"""Weights & Biases for one run: flat config keys, stage as job type, policies as tags; and for a sweep, its
+decision per budget in a run of its own in the sweep's group (job type `report`).
 
 Without an API key the run is offline (sync it later with `wandb sync`); any W&B failure is
 logged and training goes on: experiment tracking must never block or crash a run.
@@ -10,7 +11,9 @@ import json
 import logging
 import os
 import secrets
+from dataclasses import fields
 from pathlib import Path
+from typing import Mapping
 
 from vlmablate.config import LoggerConfig
 
@@ -111,3 +114,37 @@ def finish_wandb(run, summary: dict) -> None:
             log.info("W&B ran offline; upload with: wandb sync %s", run_path)
     except Exception as exc:
         log.warning("W&B could not finish cleanly (%s)", exc)
+
+
+DECISION_COLUMNS = ["budget", "pick", "most accurate", "fits", "estimated", "line"]
+
+
+def log_decision(logger: Mapping, decision: dict, *, sweep_dir: Path) -> str | None:
+    """The sweep's decision in W&B: a run in the sweep's group (job type `report`) whose summary holds one
+    `decision/<budget>` line per budget and `decision/notes`, and a `decision` table. `logger` is the sweep's
+    logger config; nothing is logged unless it names W&B, and a W&B failure is only logged. Returns the
+    offline run's folder for `wandb sync`, if it ran offline."""
+    cfg = LoggerConfig(**{f.name: logger[f.name] for f in fields(LoggerConfig) if f.name in logger})
+    if cfg.name != "wandb":
+        return None
+    try:
+        import wandb
+
+        mode = resolve_mode(cfg)
+        run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, job_type="report",
+                         tags=[*cfg.tags, "decision"], dir=str(sweep_dir), mode=mode, name=f"{sweep_dir.name}-report",
+                         reinit="finish_previous")
+        table = wandb.Table(columns=DECISION_COLUMNS)
+        for d in decision["budgets"]:
+            table.add_data(d["budget"], d["pick"], d["most_accurate"], ", ".join(d["fits"]),
+                           ", ".join(d["estimated"]), d["line"])
+        run.log({"decision": table})
+        run.summary.update({**{f"decision/{d['budget']}": d["line"] for d in decision["budgets"]},
+                            "decision/notes": "\n".join(decision["notes"]),
+                            "decision/ranked_by": decision["ranked_by"]})
+        run_path = Path(run.dir).parent
+        run.finish()
+        return str(run_path) if mode == "offline" else None
+    except Exception as exc:
+        log.warning("W&B decision not logged (%s)", exc)
+        return None

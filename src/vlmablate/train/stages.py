@@ -34,10 +34,11 @@ PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
 _CELL_KEYS = ("stage", "freeze", "vision", "cell", "data", "eval", "model.pretrained_projector", "hydra",
               "train.seed", "world.question_weights")
 # Settings that do not change what a run learns, left out of its hash (a sweep run again with resume
-# on, or with W&B, still finds its finished cells). The MFU peak and the plan command's GPU, MFU and data
-# size came later: left out, they also keep the hashes (stage-1 caches, finished cells) made before them.
+# on, or with W&B, still finds its finished cells). The MFU peak, the plan command's GPU, MFU and data
+# size, and the report's budgets came later: left out, they also keep the hashes (stage-1 caches, finished
+# cells) made before them.
 _UNHASHED = ("logger", "train.progress", "train.resume", "train.checkpoint_on_sigterm", "train.record_data_order",
-             "train.peak_tflops", "data.size", "plan.gpu", "plan.mfu")
+             "train.peak_tflops", "data.size", "plan.gpu", "plan.mfu", "report")
 
 
 def compose_config(overrides: list[str]):
