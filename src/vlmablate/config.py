@@ -270,6 +270,22 @@ class TrainConfig:
 
 
 @dataclass
+class RetentionConfig:
+    """What stage 2 cost the LM on text alone (eval/retention.py): the loss on a text-only set before and
+    after training. The tiny world scores text-only dialogues of the kind its LM was pretrained on; a real
+    model scores `data` (null: retention is off for real models)."""
+
+    enabled: bool = True
+    # a LLaVA-format JSON of text-only conversations (scored on the assistant tokens, as training scores
+    # them) or a JSONL of {"text": ...} lines (scored on every token)
+    data: Optional[str] = None
+    max_items: Optional[int] = None  # the first N records of `data` (null: all)
+    n_world: int = 150  # tiny world: text-only dialogues generated, always the same ones
+    batch_size: int = 32  # items per forward, in order of length
+    max_length: Optional[int] = None  # longer items are cut from the end (null: model.max_length)
+
+
+@dataclass
 class EvalConfig:
     """Evaluation after training (and by `python -m vlmablate.eval`)."""
 
@@ -293,6 +309,7 @@ class EvalConfig:
     max_questions: Optional[int] = None
     n_boot: int = 1000
     wandb_samples: int = 32  # predictions (with images) in a wandb.Table
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 @dataclass
@@ -489,6 +506,7 @@ def validate(cfg: RunConfig, overrides: Sequence[str] = ()) -> None:
                                                                                               "tiny_random"):
         raise ConfigError(f"eval={cfg.eval.name} on {cfg.model.name} needs eval.vqa_json=FILE and "
                           "eval.vqa_image_root=DIR, or eval=none")
+    _validate_retention(cfg)
     _validate_data(cfg.data)
     _validate_question_weights(cfg.world.question_weights)
     _validate_report(cfg.report)
@@ -614,6 +632,20 @@ def _validate_projector_lineage(cfg: RunConfig) -> None:
             f"model.pretrained_projector={path} holds a {meta['projector_type']} projector but "
             f"projector={cfg.projector.type}; set projector={meta['projector_type']}"
         )
+
+
+def _validate_retention(cfg: RunConfig) -> None:
+    ret = cfg.eval.retention
+    if ret.n_world < 1 or ret.batch_size < 1 or (ret.max_items is not None and ret.max_items < 1):
+        raise ConfigError(f"eval.retention: n_world ({ret.n_world}), batch_size ({ret.batch_size}) and max_items "
+                          f"({ret.max_items}) must be >= 1")
+    if ret.enabled and ret.data is not None:
+        path = Path(ret.data)
+        if not path.is_file():
+            raise ConfigError(f"eval.retention.data={ret.data} is not a file")
+        if path.suffix not in (".json", ".jsonl"):
+            raise ConfigError(f"eval.retention.data={ret.data}: a LLaVA-format .json of text-only conversations "
+                              "or a .jsonl of {\"text\": ...} lines, not a *" + path.suffix + " file")
 
 
 def cache_root(configured: Optional[str] = None) -> Path:

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     result = write_report(sweep_dir, n_boot=int(args.get("n_boot", 1000)), settings=settings)
     print(console_report(result, sweep_dir))
     # the runs' logger: with W&B, the decision goes to the sweep's group there too
-    decided = log_decision(result["logger"], result["decision"], sweep_dir=sweep_dir) if result["logger"] else None
+    decided = log_decision(result["logger"], result["decision"], sweep_dir=sweep_dir,
+                           rows=result["rows"]) if result["logger"] else None
     offline = result["wandb_offline"] + ([decided] if decided else [])
     if offline:
         print("W&B runs were logged offline; upload them with:\n  wandb sync " + " ".join(offline))

@@ -40,7 +40,7 @@ class ReportCallback(Callback):
         log.info("sweep report: %s", sweep_dir / "comparison.md")
         print(console_report(result, sweep_dir))
         logger = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else {}
-        decided = log_decision(logger, result["decision"], sweep_dir=sweep_dir)
+        decided = log_decision(logger, result["decision"], sweep_dir=sweep_dir, rows=result["rows"])
         offline = result["wandb_offline"] + ([decided] if decided else [])
         if offline:
             print("W&B runs were logged offline; upload them with:\n  wandb sync " + " ".join(offline))

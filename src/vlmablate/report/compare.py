@@ -10,7 +10,12 @@ runs of a cell differ only in their seed. For each cell:
   run has one), and both per category;
 - VQA accuracy, wall-clock, peak memory, tokens/s, training FLOPs per token, achieved TFLOP/s and MFU
   (model FLOPs utilisation against the device's peak, `train/mfu.py`), as means over seeds;
-- how many seeds completed, and which failed.
+- how many seeds completed, and which failed;
+- the retention loss (`eval/retention.py`: the LM's loss increase on text alone, larger = more forgetting):
+  the mean over seeds of each run's `difference`, with a 95% CI from the crossed seeds × items model (one
+  seed: the run's paired bootstrap over items); the decision reads it as `retention_loss`;
+- the MMBench gain over the frozen-LLM cell (with the paired test's CI), which comparison_forgetting.png
+  plots against the retention loss: learning against forgetting.
 
 Every two cells are compared by the crossed test (`stats.compare`): difference, 95% CI and p with
 training noise in them, the smallest difference three seeds can see, and the seeds the observed
@@ -42,7 +47,9 @@ from vlmablate.report import decision, stats
 
 CSV_COLUMNS = ("cell", "label", "vision", "freeze", "quant", "status", "seeds", "failed_seeds", "trainable_params",
                "trainable_pct", "total_params", "mmbench_circular", "mmbench_ci_low", "mmbench_ci_high",
-               "mmbench_vanilla", "mmbench_blank", "mmbench_blank_3plus", "vqa_acc", "vqa_blank", "wall_clock_s",
+               "mmbench_vanilla", "mmbench_blank", "mmbench_blank_3plus", "vqa_acc", "vqa_blank", "retention_loss",
+               "retention_ci_low", "retention_ci_high", "mmbench_gain", "mmbench_gain_ci_low", "mmbench_gain_ci_high",
+               "gain_over", "wall_clock_s",
                "peak_mem_mb", "tokens_per_s", "flops_per_token", "tflops", "mfu", "final_loss", "stage1_artifact")
 
 
@@ -183,6 +190,7 @@ def summarize(cell: dict, *, n_boot: int = 1000, answers: dict | None = None) ->
     row["vqa_acc"] = _mean(e.get("textvqa", {}).get("vqa_acc") for e in evals)
     row["vqa_blank"] = _mean(e.get("vqa_blank_image", {}).get("vqa_acc") for e in evals)
     row["mmbench_blank_3plus"] = _mean(_many_options(done, "mmbench_blank_image"))
+    row.update(retention_of(done))
     trains = [r["summary"].get("train", {}) for r in done]
     for key in ("wall_clock_s", "peak_mem_mb", "tokens_per_s", "flops_per_token", "tflops", "mfu", "final_loss"):
         row[key] = _mean(t.get(key) for t in trains)
@@ -192,6 +200,63 @@ def summarize(cell: dict, *, n_boot: int = 1000, answers: dict | None = None) ->
     stage1 = {((r["summary"].get("lineage") or {}).get("stage1") or {}).get("hash") for r in done} - {None}
     row["stage1_artifact"] = ";".join(sorted(stage1))
     return row
+
+
+def _retention_items(run: dict) -> np.ndarray | None:
+    """A run's per-item retention differences (after - before), from eval/retention/items.jsonl."""
+    path = run["dir"] / "eval" / "retention" / "items.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return np.array([r["after"] - r["before"] for r in rows], dtype=float)
+
+
+def retention_of(runs: list[dict]) -> dict:
+    """A cell's retention loss (eval/retention.py): the mean over its completed runs of `difference`
+    (larger: more forgetting), with a 95% CI from the crossed seeds × items model where two or more runs
+    scored the same items (training noise included), else the one run's paired bootstrap over items."""
+    measured = [(run, run["summary"].get("eval", {}).get("retention")) for run in runs]
+    measured = [(run, ret) for run, ret in measured if ret]
+    if not measured:
+        return {"retention_loss": None, "retention_ci_low": None, "retention_ci_high": None}
+    loss = float(np.mean([ret["difference"] for _, ret in measured]))
+    ci = measured[0][1]["ci"] if len(measured) == 1 else [None, None]
+    items = [_retention_items(run) for run, _ in measured]
+    if len(measured) > 1 and all(x is not None for x in items) and len({x.size for x in items}) == 1:
+        diffs = np.stack(items)
+        ci = stats.compare(diffs, np.zeros_like(diffs), paired=True, with_power=False)["ci"]
+    return {"retention_loss": loss, "retention_ci_low": ci[0], "retention_ci_high": ci[1],
+            "retention_before": _mean(ret["before"] for _, ret in measured),
+            "retention_after": _mean(ret["after"] for _, ret in measured),
+            "retention_n": measured[0][1]["n"], "retention_measured": measured[0][1].get("measured")}
+
+
+def frozen_llm_reference(rows: list[dict]) -> str | None:
+    """The cell gains are measured against: the reference freeze table's frozen-LLM row where the sweep
+    has it, else the first frozen-LLM cell with an accuracy."""
+    frozen = [r for r in rows if r.get("freeze") == "frozen_llm" and r.get("mmbench_circular") is not None]
+    named = [r for r in frozen if r["cell"] == REFERENCE_ORDER[0]]
+    return (named or frozen or [{"cell": None}])[0]["cell"]
+
+
+def add_gains(rows: list[dict], tests: list[dict]) -> None:
+    """Each row's MMBench gain over the frozen-LLM cell, with the paired test's 95% CI (0 for that cell)."""
+    ref = frozen_llm_reference(rows)
+    by_pair = {(t["a"], t["b"]): t for t in tests}
+    for r in rows:
+        r["gain_over"] = ref
+        r["mmbench_gain"] = r["mmbench_gain_ci_low"] = r["mmbench_gain_ci_high"] = None
+        if ref is None:
+            continue
+        if r["cell"] == ref:
+            r["mmbench_gain"], r["mmbench_gain_ci_low"], r["mmbench_gain_ci_high"] = 0.0, 0.0, 0.0
+        elif (r["cell"], ref) in by_pair:
+            t = by_pair[(r["cell"], ref)]
+            r["mmbench_gain"], (r["mmbench_gain_ci_low"], r["mmbench_gain_ci_high"]) = t["diff"], t["ci"]
+        elif (ref, r["cell"]) in by_pair:
+            t = by_pair[(ref, r["cell"])]
+            low, high = t["ci"]
+            r["mmbench_gain"], r["mmbench_gain_ci_low"], r["mmbench_gain_ci_high"] = -t["diff"], -high, -low
 
 
 def answers_by_cell(cells: list[dict]) -> dict[str, tuple[dict, dict]]:
@@ -430,15 +495,16 @@ def _aa_markdown(aa: dict | None) -> list[str]:
 
 def to_markdown(rows: list[dict], tests: list[dict], category_tests: list[dict] = (),
                 controls: list[dict] = (), aa: dict | None = None) -> str:
-    lines = ["| Config | Trainable params | MM-Bench circular (95% CI) | Wall-clock (s) | % trainable | VQA acc | "
+    lines = ["| Config | Trainable params | MM-Bench circular (95% CI) | Wall-clock (s) | retention loss (95% CI) | "
+             "% trainable | VQA acc | "
              "vanilla | blank image: circular | blank image: circular, 3+ options | blank image: VQA | peak mem (MB) | "
              "tokens/s | FLOPs/token | TFLOP/s | MFU | seeds | status | stage-1 artifact |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = "-" if r.get("mmbench_circular") is None else \
             f"{r['mmbench_circular']:.3f} ({_fmt(r.get('mmbench_ci_low'))}-{_fmt(r.get('mmbench_ci_high'))})"
         status = r["status"] + (f" (failed seeds {r['failed_seeds']})" if r.get("failed_seeds") else "")
-        cols = [r["label"], _params(r.get("trainable_params")), acc, _fmt(r.get("wall_clock_s"), 1),
+        cols = [r["label"], _params(r.get("trainable_params")), acc, _fmt(r.get("wall_clock_s"), 1), _retention_cell(r),
                 _fmt(r.get("trainable_pct"), 2), _fmt(r.get("vqa_acc")), _fmt(r.get("mmbench_vanilla")),
                 _fmt(r.get("mmbench_blank")), _fmt(r.get("mmbench_blank_3plus")), _fmt(r.get("vqa_blank")),
                 _fmt(r.get("peak_mem_mb"), 0),
@@ -476,6 +542,47 @@ def to_markdown(rows: list[dict], tests: list[dict], category_tests: list[dict] 
     lines += _controls_markdown(controls, rows)
     lines += _aa_markdown(aa)
     return "\n".join(lines) + "\n"
+
+
+def _retention_cell(r: dict) -> str:
+    """`+0.012 (+0.004 to +0.020)`: the mean retention loss over seeds with its CI; `-` where not measured."""
+    loss = r.get("retention_loss")
+    if loss is None:
+        return "-"
+    lo, hi = r.get("retention_ci_low"), r.get("retention_ci_high")
+    return f"{loss:+.4f}" + ("" if lo is None else f" ({lo:+.4f} to {hi:+.4f})")
+
+
+def plot_forgetting(rows: list[dict], path: Path) -> bool:
+    """Learning against forgetting: per cell, the MMBench gain over the frozen-LLM cell against the retention
+    loss, each with its 95% CI. Written only where some cell has both (returns whether it was)."""
+    points = [r for r in rows if r.get("retention_loss") is not None and r.get("mmbench_gain") is not None]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    for r in points:
+        x, y = r["retention_loss"], r["mmbench_gain"]
+        xlo, xhi = r.get("retention_ci_low"), r.get("retention_ci_high")
+        ylo, yhi = r.get("mmbench_gain_ci_low"), r.get("mmbench_gain_ci_high")
+        xerr = None if xlo is None else [[x - xlo], [xhi - x]]
+        yerr = None if ylo is None else [[y - ylo], [yhi - y]]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=4, label=r["label"])
+    ax.axhline(0, color="grey", lw=1)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_xlabel("retention loss: LM loss increase on text alone (nats/token; larger = more forgetting)")
+    reference = next((r["label"] for r in rows if r["cell"] == points[0]["gain_over"]), points[0]["gain_over"])
+    ax.set_ylabel(f"MMBench gain over {reference}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot(rows: list[dict], path: Path, blank: tuple[float, float, float] | None = None) -> None:
@@ -553,6 +660,7 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = 1000, settings: dict | 
     rows = [summarize(cell, n_boot=n_boot, answers=data[cell["cell"]]) for cell in cells]
     _name_twin_labels(rows)
     tests = paired_tests(cells, n_boot=n_boot, data=data)
+    add_gains(rows, tests)
     category_tests = paired_tests(cells, n_boot=n_boot, by_category=True, data=data)
     controls = control_tests(cells, n_boot=n_boot, data=data)
     aa = {"overall": paired_tests(cells, n_boot=n_boot, aa=True, data=data),
@@ -569,6 +677,9 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = 1000, settings: dict | 
     (sweep_dir / "comparison.md").write_text(f"# {TITLE}\n\n{decision.decision_markdown(decided)}\n"
                                              f"## The cells\n\n{tables}")
     plot(rows, sweep_dir / "comparison.png", blank)
+    forgetting = sweep_dir / "comparison_forgetting.png"
+    if not plot_forgetting(rows, forgetting):
+        forgetting.unlink(missing_ok=True)  # from an earlier report of this folder: it would be stale
     report = {"decision": decided, "rows": rows, "paired": tests, "paired_by_category": category_tests,
               "controls": controls, "aa": aa, "blank_band": blank}
     (sweep_dir / "comparison.json").write_text(json.dumps(report, indent=2, default=str))
@@ -581,6 +692,8 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = 1000, settings: dict | 
 def console_report(result: dict, sweep_dir: Path) -> str:
     """What the report prints: the tables, the files written, and the decision last."""
     files = ", ".join(str(sweep_dir / f"comparison.{ext}") for ext in ("csv", "md", "json", "png"))
+    if (sweep_dir / "comparison_forgetting.png").exists():
+        files += f", {sweep_dir / 'comparison_forgetting.png'}"
     return f"{result['markdown']}\nwritten: {files}\n\n{decision.decision_text(result['decision'])}"
 
 

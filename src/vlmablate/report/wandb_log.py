@@ -32,6 +32,18 @@ def flat_config(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def sweep_retention_summary(rows) -> dict:
+    """Per cell of the report: its retention loss with the CI, and its MMBench gain over the frozen-LLM cell."""
+    out = {}
+    for r in rows:
+        if r.get("retention_loss") is not None:
+            out.update(retention_keys(r["retention_loss"], r.get("retention_ci_low"), r.get("retention_ci_high"),
+                                      r["cell"]))
+        if r.get("mmbench_gain") is not None:
+            out[f"mmbench_gain/{r['cell']}"] = r["mmbench_gain"]
+    return out
+
+
 def _has_api_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -107,6 +119,9 @@ def finish_wandb(run, summary: dict) -> None:
         # The same keys for every run, so W&B's grouping, parallel-coordinates and table views compare cells.
         keep = ("status", "cell", "seed", "params", "train", "eval")
         run.summary.update(flat_config({k: v for k, v in summary.items() if k in keep}))
+        retention = (summary.get("eval") or {}).get("retention")
+        if retention:  # the report's and the decision's name for it, beside eval.retention.*
+            run.summary.update(retention_keys(retention["difference"], *retention["ci"]))
         offline = run.settings.mode == "offline"
         run_path = Path(run.dir).parent
         run.finish()
@@ -116,14 +131,22 @@ def finish_wandb(run, summary: dict) -> None:
         log.warning("W&B could not finish cleanly (%s)", exc)
 
 
+def retention_keys(loss: float | None, low: float | None, high: float | None, cell: str | None = None) -> dict:
+    """The retention keys of a run summary (`retention_loss`...) or, per `cell`, of the sweep summary."""
+    suffix = f"/{cell}" if cell else ""
+    return {f"retention_loss{suffix}": loss, f"retention_ci_low{suffix}": low, f"retention_ci_high{suffix}": high}
+
+
 DECISION_COLUMNS = ["budget", "pick", "most accurate", "fits", "estimated", "line"]
 
 
-def log_decision(logger: Mapping, decision: dict, *, sweep_dir: Path) -> str | None:
+def log_decision(logger: Mapping, decision: dict, *, sweep_dir: Path,
+                 rows: list[dict] = ()) -> str | None:
     """The sweep's decision in W&B: a run in the sweep's group (job type `report`) whose summary holds one
-    `decision/<budget>` line per budget and `decision/notes`, and a `decision` table. `logger` is the sweep's
-    logger config; nothing is logged unless it names W&B, and a W&B failure is only logged. Returns the
-    offline run's folder for `wandb sync`, if it ran offline."""
+    `decision/<budget>` line per budget and `decision/notes`, each row's `retention_loss/<cell>` (with
+    `retention_ci_low/<cell>`, `retention_ci_high/<cell>`) and `mmbench_gain/<cell>`, and a `decision` table.
+    `logger` is the sweep's logger config; nothing is logged unless it names W&B, and a W&B failure is only
+    logged. Returns the offline run's folder for `wandb sync`, if it ran offline."""
     cfg = LoggerConfig(**{f.name: logger[f.name] for f in fields(LoggerConfig) if f.name in logger})
     if cfg.name != "wandb":
         return None
@@ -142,6 +165,7 @@ def log_decision(logger: Mapping, decision: dict, *, sweep_dir: Path) -> str | N
         run.summary.update({**{f"decision/{d['budget']}": d["line"] for d in decision["budgets"]},
                             "decision/notes": "\n".join(decision["notes"]),
                             "decision/ranked_by": decision["ranked_by"]})
+        run.summary.update(sweep_retention_summary(rows))
         run_path = Path(run.dir).parent
         run.finish()
         return str(run_path) if mode == "offline" else None

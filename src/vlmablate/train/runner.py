@@ -26,6 +26,7 @@ from vlmablate.data.collator import LlavaCollator
 from vlmablate.data.dataset import preflight
 from vlmablate.data.errors import DataError
 from vlmablate.data.sources import MixedDataset, build_dataset
+from vlmablate.eval.retention import RetentionProbe, checkpoint_identity, read_retention_file, retention_set
 from vlmablate.eval.suite import check_benchmark_files, run_eval
 from vlmablate.model.load import load_model, model_dims, resolve_checkpoint
 from vlmablate.model.plan import (
@@ -264,6 +265,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
         # cell's result must not depend on what ran before it in the process, such as its stage 1.
         set_seed(cfg.train.seed)
         record.loaded = loaded = load_cell(cfg, model_cfg, plan, projector_path, stage1)
+        retention = start_retention(cfg, loaded) if main else None
         dataset, record.data = build_data(cfg, loaded)
         require_trainable_samples(cfg, plan, dataset)
         wandb_run = start_tracking(cfg, composed, run_dir) if main else None
@@ -281,7 +283,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
         if not main:
             return summary_of(record)
         record.artifacts = export_artifacts(cfg, trainer, loaded, run_dir)
-        record.eval = evaluate(cfg, trainer, loaded.processor, run_dir, wandb_run)
+        record.eval = evaluate(cfg, trainer, loaded.processor, run_dir, wandb_run, retention)
         record.status = "completed"
         return summary_of(record)
     except Exception as exc:
@@ -342,9 +344,11 @@ def learning_hash(composed: dict | None) -> str | None:
 
 
 def validate_cell(cfg: RunConfig, overrides: list[str]) -> None:
-    """Every cross-field rule, and the benchmark files: a broken one fails now, not after training."""
+    """Every cross-field rule, and the benchmark and retention files: a broken one fails now, not after training."""
     validate(cfg, overrides)
     check_benchmark_files(cfg.eval)
+    if cfg.eval.retention.enabled and cfg.eval.retention.data:
+        read_retention_file(cfg.eval.retention.data, cfg.eval.retention.max_items)  # encoding is checked once loaded
 
 
 def plan_of(cfg: RunConfig) -> FreezePlan:
@@ -460,8 +464,29 @@ def export_artifacts(cfg: RunConfig, trainer: VlmTrainer, loaded: LoadedCell, ru
     return {"checkpoint": str(run_dir / "final"), "projector": artifacts.get("projector"), **artifacts}
 
 
-def evaluate(cfg: RunConfig, trainer: VlmTrainer, processor, run_dir: Path, wandb_run) -> dict:
-    """Rank 0 evaluates the trained model; with its weights sharded over ranks it says how to evaluate later."""
+def start_retention(cfg: RunConfig, loaded: LoadedCell) -> RetentionProbe | None:
+    """The base's losses on the retention set (eval/retention.py), read from the model as loaded, before any
+    training step; None where retention is off, or the weights are sharded over ranks (rank 0 alone cannot
+    run a forward then)."""
+    if dist.is_distributed() and (is_deepspeed_zero3_enabled() or cfg.train.fsdp):
+        return None
+    rset = retention_set(cfg.eval.retention, loaded.processor, tiny_world=cfg.model.source == "tiny_world",
+                         max_length=cfg.eval.retention.max_length or cfg.model.max_length)
+    if rset is None:
+        return None
+    identity = checkpoint_identity(loaded.lineage["checkpoint"], arch=loaded.lineage["arch"], quant=cfg.quant.mode,
+                                   dtype=str(compute_dtype(cfg)), torch_dtype=cfg.model.torch_dtype)
+    tok = loaded.processor.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    return RetentionProbe.start(rset, loaded.model, pad_id=pad_id,
+                                batch_size=cfg.eval.retention.batch_size, identity=identity,
+                                cache_dir=cache_root(cfg.data.cache_dir))
+
+
+def evaluate(cfg: RunConfig, trainer: VlmTrainer, processor, run_dir: Path, wandb_run,
+             retention: RetentionProbe | None = None) -> dict:
+    """Rank 0 evaluates the trained model (and its retention, where `start_retention` scored the base); with
+    its weights sharded over ranks it says how to evaluate later."""
     if cfg.eval.name != "none" and dist.is_distributed() and (is_deepspeed_zero3_enabled() or trainer.is_fsdp_enabled):
         # The weights are sharded over the ranks, and every forward needs all of them: rank 0 alone
         # cannot evaluate. The saved run is evaluated in one process afterwards.
@@ -472,6 +497,8 @@ def evaluate(cfg: RunConfig, trainer: VlmTrainer, processor, run_dir: Path, wand
     results, samples = run_eval(cfg.eval, trainer.model, processor, run_dir / "eval", world=cfg.world,
                                 progress=cfg.train.progress)
     log_predictions(wandb_run, samples, cfg.eval.wandb_samples)
+    if retention is not None:
+        results["retention"] = retention.measure(trainer.model, run_dir / "eval" / "retention", n_boot=cfg.eval.n_boot)
     return results
 
 

@@ -35,10 +35,11 @@ _CELL_KEYS = ("stage", "freeze", "vision", "cell", "data", "eval", "model.pretra
               "train.seed", "world.question_weights")
 # Settings that do not change what a run learns, left out of its hash (a sweep run again with resume
 # on, or with W&B, still finds its finished cells). The MFU peak, the plan command's GPU, MFU and data
-# size, and the report's budgets came later: left out, they also keep the hashes (stage-1 caches, finished
-# cells) made before them.
+# size, the report's budgets and the retention evaluation came later: left out, they also keep the hashes
+# (stage-1 caches, finished cells) made before them. A finished cell found again keeps its summary, so it
+# has no retention section until it is run anew.
 _UNHASHED = ("logger", "train.progress", "train.resume", "train.checkpoint_on_sigterm", "train.record_data_order",
-             "train.peak_tflops", "data.size", "plan.gpu", "plan.mfu", "report")
+             "train.peak_tflops", "data.size", "plan.gpu", "plan.mfu", "report", "eval.retention")
 
 
 def compose_config(overrides: list[str]):
