@@ -266,16 +266,21 @@ def test_report_has_the_blank_baseline_and_tests_per_category(tmp_path):
     assert (tmp_path / "comparison.png").stat().st_size > 0
 
 
-def fake_policy_run(folder: Path, cell: str, seed: int, vision: str, llm: str, right: dict[str, list[bool]]) -> None:
-    """A completed run with a config (vision policy, LM policy) and per-category answers (one copy each)."""
+def fake_policy_run(folder: Path, cell: str, seed: int, vision: str, llm: str, right: dict[str, list[bool]],
+                    blank: dict[str, list[bool]] | None = None) -> None:
+    """A completed run with a config (vision policy, LM policy) and per-category answers (one copy each), and
+    with `blank` the same questions' answers with a blank image."""
     run = folder / cell / f"seed{seed}"
-    (run / "eval" / "mmbench").mkdir(parents=True)
-    (run / ".hydra").mkdir()
-    rows, q = [], 0
-    for category, oks in right.items():
-        rows += [{"q": q + k, "copy": 0, "category": category, "correct": ok} for k, ok in enumerate(oks)]
-        q += len(oks)
-    (run / "eval" / "mmbench" / "predictions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (run / ".hydra").mkdir(parents=True)
+    for task, answers in (("mmbench", right), ("mmbench_blank_image", blank)):
+        if answers is None:
+            continue
+        rows, q = [], 0
+        for category, oks in answers.items():
+            rows += [{"q": q + k, "copy": 0, "category": category, "correct": ok} for k, ok in enumerate(oks)]
+            q += len(oks)
+        (run / "eval" / task).mkdir(parents=True)
+        (run / "eval" / task / "predictions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     config = {"vision": {"policy": vision}, "freeze": {"name": f"{llm}_llm", "policy": llm},
               "quant": {"mode": "none"}, "train": {"seed": seed, "lr_scale": 10}, "cell": {"name": cell}}
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
@@ -317,5 +322,34 @@ def test_controls_and_an_aa_comparison_in_the_report(tmp_path):
                                                               ("full", "frozen_frozen")]
     assert all(t["diff"] == pytest.approx(7 / 60) for t in counting["tests"]) and not counting["found"]
     markdown = (tmp_path / "comparison.md").read_text()
-    assert "| vision side: the mark | found |" in markdown and "| LM side: counting | not found |" in markdown
+    assert "| vision side: the mark | found (no blank-image runs to tell reading from a prior) |" in markdown
+    assert "| LM side: counting | not found |" in markdown
     assert "A/A comparisons" in markdown and "frozen_lora (frozen_lora_aa)" not in markdown
+
+
+def test_a_control_found_as_much_with_a_blank_image_is_called_a_prior(tmp_path):
+    # The LM-training cells answer counting questions right with the image and with a blank one alike (they
+    # learned which count is likely); the tower-training cells read the mark only with the image.
+    cells = {"frozen_frozen": ("frozen", "frozen"), "frozen_lora": ("frozen", "lora"),
+             "unfrozen_lora": ("unfrozen", "lora"), "full": ("unfrozen", "full")}
+    for seed in (0, 1, 2):
+        for name, (vision, llm) in cells.items():
+            marks = [True] * (48 + 3 * seed) + [False] * (12 - 3 * seed) if vision == "unfrozen" else \
+                [True] * 30 + [False] * 30
+            counts = [True] * (12 + seed) + [False] * (8 - seed) if llm != "frozen" else [False] * 20
+            blank_counts = [True] * (11 + seed) + [False] * (9 - seed) if llm != "frozen" else [False] * 20
+            fake_policy_run(tmp_path, name, seed, vision, llm, {"mark_recognition": marks, "object_counting": counts},
+                            blank={"mark_recognition": [True] * 30 + [False] * 30, "object_counting": blank_counts})
+    result = write_report(tmp_path, n_boot=200)
+    mark, counting = result["controls"]
+    assert mark["found"] and mark["from_image"] is True
+    assert all(t["blank_diff"] == 0.0 for t in mark["tests"])  # every cell: 0.50 with a blank image
+    assert counting["found"] and counting["from_image"] is False
+    # image: 0.65 against 0; blank: 0.60 against 0, so 0.05 of the 0.65 comes from the image
+    assert all(t["diff"] == pytest.approx(0.65) and t["blank_diff"] == pytest.approx(0.60) for t in counting["tests"])
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert "| vision side: the mark | found |" in markdown
+    assert "| LM side: counting | found, but a blank image gains nearly as much: a prior, not read from the image |" \
+        in markdown
+    assert "| LM side: counting (object_counting) | frozen_lora | frozen_frozen | +0.650 |" in markdown
+    assert "| yes | +0.600 |" in markdown

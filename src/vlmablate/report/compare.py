@@ -379,6 +379,9 @@ CONTROLS = (
 )
 CONTROL_EFFECT = 0.15  # each trained cell beats each frozen one by at least this ...
 CONTROL_ALPHA = 0.01  # ... with a Holm-corrected p below this, over the control's family
+# A found control, by what the blank image says of it (`from_image`).
+CONTROL_VERDICTS = {True: "found", None: "found (no blank-image runs to tell reading from a prior)",
+                    False: "found, but a blank image gains nearly as much: a prior, not read from the image"}
 
 
 def _trains(cell: dict, component: str) -> bool | None:
@@ -410,12 +413,29 @@ def control_tests(cells: list[dict], *, n_boot: int = 1000, data: dict | None = 
                     family.append(test)
         if not family:
             continue
+        blank = {n: _blank_rate(by_name[n], control["category"]) for n in trained + frozen}
         for test, adjusted in zip(family, stats.holm([t["p_value"] for t in family])):
             test["p_holm"] = adjusted
             test["found"] = bool(test["training_noise"] and test["diff"] >= CONTROL_EFFECT
                                  and adjusted < CONTROL_ALPHA)
-        results.append({**control, "tests": family, "found": all(t["found"] for t in family)})
+            # The same two cells with a blank image: a trained LM that learns which answers are likely
+            # gains there as much, and has learned a prior, not to read the effect off the image.
+            a, b = blank[test["a"]], blank[test["b"]]
+            test["blank_diff"] = None if a is None or b is None else a - b
+            test["from_image"] = None if test["blank_diff"] is None else \
+                bool(test["diff"] - test["blank_diff"] >= CONTROL_EFFECT)
+        found = all(t["found"] for t in family)
+        reads = [t["from_image"] for t in family]
+        results.append({**control, "tests": family, "found": found,
+                        "from_image": False if False in reads else None if None in reads else True})
     return results
+
+
+def _blank_rate(cell: dict, category: str) -> float | None:
+    """The cell's CircularEval accuracy on `category` with a blank image, pooled over its completed seeds."""
+    done = [r for r in cell["runs"] if r["summary"].get("status") == "completed"]
+    values = _pooled(done, "mmbench_blank_image").get(category)
+    return float(np.mean(values)) if values else None
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -461,21 +481,26 @@ def _controls_markdown(controls: list[dict], rows: list[dict]) -> list[str]:
         return []
     lines = ["", f"Positive controls, effects built into the world: found when every cell that trains the component "
              f"beats every cell that freezes it on the category by at least {CONTROL_EFFECT} with a Holm p < "
-             f"{CONTROL_ALPHA} over the control's comparisons:", "",
+             f"{CONTROL_ALPHA} over the control's comparisons. The last column is the same difference with a blank "
+             f"image: where it comes within {CONTROL_EFFECT} of the first, the trained cell learned which answers are "
+             "likely, not to read them off the image:", "",
              "| control | trained cell | frozen cell | trained − frozen | 95% CI | p | p (Holm) | "
-             "smallest difference the seeds see | found |", "|---|---|---|---|---|---|---|---|---|"]
+             "smallest difference the seeds see | found | the same, blank image |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for control in controls:
         for t in control["tests"]:
             lo, hi = t["ci"]
             mde = "-" if t.get("mde") is None else f"{t['mde']:.3f}"
+            blank = "-" if t.get("blank_diff") is None else f"{t['blank_diff']:+.3f}"
             lines.append(f"| {control['name']} ({control['category']}) | {t['a']} | {t['b']} | {t['diff']:+.3f} | "
                          f"{_fmt(lo)} to {_fmt(hi)} | {_p(t['p_value'])} | {_p(t['p_holm'])} | {mde} | "
-                         f"{'yes' if t['found'] else 'no'} |")
+                         f"{'yes' if t['found'] else 'no'} | {blank} |")
     lines += ["", "| control | verdict | " + " | ".join(f"{r['label']}: image / blank" for r in rows) + " |",
               "|---|---|" + "---|" * len(rows)]
     for control in controls:
         cells = [r.get("per_category", {}).get(control["category"]) for r in rows]
-        lines.append(f"| {control['name']} | {'found' if control['found'] else 'not found'} | " + " | ".join(
+        verdict = "not found" if not control["found"] else CONTROL_VERDICTS[control["from_image"]]
+        lines.append(f"| {control['name']} | {verdict} | " + " | ".join(
             "-" if x is None else f"{x['circular']:.2f} / {_fmt(x['blank'], 2)}" for x in cells) + " |")
     return lines
 
