@@ -288,18 +288,33 @@ def fake_policy_run(folder: Path, cell: str, seed: int, vision: str, llm: str, r
     (run / "summary.json").write_text(json.dumps(summary))
 
 
+GRID_POLICIES = {"frozen_frozen": ("frozen", "frozen"), "frozen_lora": ("frozen", "lora"),
+                 "unfrozen_lora": ("unfrozen", "lora"), "full": ("unfrozen", "full")}
+
+
+def fake_control_grid(folder: Path, counts_of, blank_counts_of=None) -> None:
+    """The reference table's four cells on seeds 0-2, 60 mark and 20 counting questions each: the mark read
+    only where the tower trains (a little differently each seed); `counts_of(seed)` the counting answers of
+    the LM-training cells (frozen LM: none right), and with `blank_counts_of` a blank-image run beside it
+    where the mark is right half the time in every cell."""
+    for seed in (0, 1, 2):
+        for name, (vision, llm) in GRID_POLICIES.items():
+            marks = [True] * (48 + 3 * seed) + [False] * (12 - 3 * seed) if vision == "unfrozen" else \
+                [True] * 30 + [False] * 30
+            counts = counts_of(seed) if llm != "frozen" else [False] * 20
+            blank = None if blank_counts_of is None else {
+                "mark_recognition": [True] * 30 + [False] * 30,
+                "object_counting": blank_counts_of(seed) if llm != "frozen" else [False] * 20}
+            fake_policy_run(folder, name, seed, vision, llm, {"mark_recognition": marks, "object_counting": counts},
+                            blank=blank)
+
+
 def test_controls_and_an_aa_comparison_in_the_report(tmp_path):
     # The mark is read only by cells whose tower trains, each seed a little differently; counting is read a
     # little by the LM-training cells, too little to pass the control. frozen_lora_aa trains frozen_lora's
     # config under another name with other seeds: an A/A arm.
-    cells = {"frozen_frozen": ("frozen", "frozen"), "frozen_lora": ("frozen", "lora"),
-             "unfrozen_lora": ("unfrozen", "lora"), "full": ("unfrozen", "full")}
+    fake_control_grid(tmp_path, lambda seed: [True] * (2 + seed % 2) + [False] * (18 - seed % 2))
     for seed in (0, 1, 2):
-        for name, (vision, llm) in cells.items():
-            marks = [True] * (48 + 3 * seed) + [False] * (12 - 3 * seed) if vision == "unfrozen" else \
-                [True] * 30 + [False] * 30
-            counts = [True] * (2 + seed % 2) + [False] * (18 - seed % 2) if llm != "frozen" else [False] * 20
-            fake_policy_run(tmp_path, name, seed, vision, llm, {"mark_recognition": marks, "object_counting": counts})
         fake_policy_run(tmp_path, "frozen_lora_aa", seed + 3, "frozen", "lora",
                         {"mark_recognition": [True] * 30 + [False] * 30,
                          "object_counting": [True] * (2 + (seed + 1) % 2) + [False] * (18 - (seed + 1) % 2)})
@@ -330,16 +345,8 @@ def test_controls_and_an_aa_comparison_in_the_report(tmp_path):
 def test_a_control_found_as_much_with_a_blank_image_is_called_a_prior(tmp_path):
     # The LM-training cells answer counting questions right with the image and with a blank one alike (they
     # learned which count is likely); the tower-training cells read the mark only with the image.
-    cells = {"frozen_frozen": ("frozen", "frozen"), "frozen_lora": ("frozen", "lora"),
-             "unfrozen_lora": ("unfrozen", "lora"), "full": ("unfrozen", "full")}
-    for seed in (0, 1, 2):
-        for name, (vision, llm) in cells.items():
-            marks = [True] * (48 + 3 * seed) + [False] * (12 - 3 * seed) if vision == "unfrozen" else \
-                [True] * 30 + [False] * 30
-            counts = [True] * (12 + seed) + [False] * (8 - seed) if llm != "frozen" else [False] * 20
-            blank_counts = [True] * (11 + seed) + [False] * (9 - seed) if llm != "frozen" else [False] * 20
-            fake_policy_run(tmp_path, name, seed, vision, llm, {"mark_recognition": marks, "object_counting": counts},
-                            blank={"mark_recognition": [True] * 30 + [False] * 30, "object_counting": blank_counts})
+    fake_control_grid(tmp_path, lambda seed: [True] * (12 + seed) + [False] * (8 - seed),
+                      blank_counts_of=lambda seed: [True] * (11 + seed) + [False] * (9 - seed))
     result = write_report(tmp_path, n_boot=200)
     mark, counting = result["controls"]
     assert mark["found"] and mark["from_image"] is True

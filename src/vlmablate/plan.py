@@ -42,7 +42,7 @@ from torch import nn
 from vlmablate.config import ConfigError, ModelConfig, RunConfig, register_configs, to_run_config, validate
 from vlmablate.model.flops import flops_from_config
 from vlmablate.model.plan import COMPONENTS, apply_plan, parameter_table, resolve_plan, unwrap
-from vlmablate.report.decision import Budget, decide, decision_text, parse_budgets
+from vlmablate.report.decision import Budget, decide, decision_text, duration, parse_budgets
 from vlmablate.train.mfu import GPU_PEAKS
 
 register_configs()
@@ -256,13 +256,6 @@ def estimate_compute(cfg: RunConfig, config) -> dict:
             "epoch_seconds": samples * seq / tokens_per_s if samples else None}
 
 
-def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.1f} s"
-
-
 def format_compute(compute: dict) -> str:
     c = compute
     parts = ", ".join(f"{k} {v:.3g}" for k, v in c["by_component"].items())
@@ -271,10 +264,10 @@ def format_compute(compute: dict) -> str:
     lines = [f"training FLOPs per token ≈ {c['flops_per_token']:.4g} ({parts}), assuming every sample is {length} "
              f"with one image of {c['crops']} crop(s)",
              f"on {c['gpu']} ({c['peak_tflops']:g} TFLOP/s bf16 dense) at MFU {c['mfu']:g} (plan.mfu): "
-             f"{c['tokens_per_s']:,.0f} tokens/s, {_duration(c['seconds_per_1m_tokens'])} per 1M tokens"]
+             f"{c['tokens_per_s']:,.0f} tokens/s, {duration(c['seconds_per_1m_tokens'])} per 1M tokens"]
     if c["epoch_seconds"] is not None:
         lines.append(f"one epoch of data={c['data']} ({c['samples']:,} samples × {c['seq_len']} tokens) ≈ "
-                     f"{_duration(c['epoch_seconds'])}")
+                     f"{duration(c['epoch_seconds'])}")
     else:
         lines.append(f"data={c['data']} declares no size (data.size): no time per epoch, only per 1M tokens")
     return "\n".join(lines)
@@ -336,7 +329,7 @@ def format_grid(cells: list[tuple[str, dict | str]], gpu_gb: float) -> str:
             continue
         p, mem, c = cell["params"], cell["memory_gib"], cell["compute"]
         share = 100 * p["trainable"]["total"] / max(1, p["total"])
-        time = _duration(c["epoch_seconds"] if per_epoch else c["seconds_per_1m_tokens"])
+        time = duration(c["epoch_seconds"] if per_epoch else c["seconds_per_1m_tokens"])
         lines.append(f"{name:<28} {cell['quant']:<6} {p['trainable']['total']:>15,} {share:>9.2f}% "
                      f"{mem['total']:>9.1f}  {'yes' if mem['fits'] else 'NO':<{len(f'fits {gpu_gb:g} GiB')}} "
                      f"{c['flops_per_token']:>12.4g} {time:>10}")

@@ -131,7 +131,8 @@ def _gib(x: float) -> str:
     return f"{x:.2f} GiB" if x < 10 else f"{x:.1f} GiB"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """`19.5 d`, `2.0 h`, `30.0 min`, `90.0 s`: as the report and `plan` print a time."""
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
             return f"{seconds / size:.1f} {unit}"
@@ -147,7 +148,7 @@ def _count(n: int) -> str:
 
 def _cost_text(cell: _Cell, kind: str) -> str:
     value = cell.cost(kind)
-    return "-" if value is None else _gib(value) if kind == "memory" else _duration(value)
+    return "-" if value is None else _gib(value) if kind == "memory" else duration(value)
 
 
 def _holm(value: float) -> str:
@@ -164,7 +165,7 @@ def _seed_list(seeds: list[str]) -> str:
 
 def _costs_more(a: _Cell, b: _Cell) -> str:
     """How `a` costs more than `b`: the first of memory, wall-clock, trainable parameters that differs."""
-    for value_a, value_b, show in ((a.memory, b.memory, _gib), (a.time, b.time, _duration),
+    for value_a, value_b, show in ((a.memory, b.memory, _gib), (a.time, b.time, duration),
                                    (a.params, b.params, lambda n: f"{_count(n)} trainable parameters")):
         if value_a is not None and value_b is not None and show(value_a) != show(value_b):
             return f"costs more ({show(value_a)} against {show(value_b)})"
