@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from vlmablate.report.compare import console_report, write_report
+from vlmablate.report.compare import publish, write_report
 from vlmablate.report.decision import parse_budgets, parse_max_retention_loss
 
 USAGE = "usage: python -m vlmablate.report sweep_dir=PATH [budgets=24,80GiB,2h] [max_retention_loss=0.05] [n_boot=1000]"
@@ -38,19 +38,11 @@ def parse(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from vlmablate.report.wandb_log import log_decision
-
     args = parse(sys.argv[1:] if argv is None else argv)
     sweep_dir = Path(args["sweep_dir"])
     settings = {key: args[key] for key in ("budgets", "max_retention_loss") if key in args}
     result = write_report(sweep_dir, n_boot=int(args.get("n_boot", 1000)), settings=settings)
-    print(console_report(result, sweep_dir))
-    # the runs' logger: with W&B, the decision goes to the sweep's group there too
-    decided = log_decision(result["logger"], result["decision"], sweep_dir=sweep_dir,
-                           rows=result["rows"]) if result["logger"] else None
-    offline = result["wandb_offline"] + ([decided] if decided else [])
-    if offline:
-        print("W&B runs were logged offline; upload them with:\n  wandb sync " + " ".join(offline))
+    publish(result, sweep_dir, result["logger"])  # the runs' logger: with W&B, the decision goes there too
 
 
 if __name__ == "__main__":

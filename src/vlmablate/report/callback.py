@@ -28,8 +28,7 @@ def report_settings(config: DictConfig) -> dict:
 
 class ReportCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from vlmablate.report.compare import console_report, write_report
-        from vlmablate.report.wandb_log import log_decision
+        from vlmablate.report.compare import publish, write_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
@@ -38,9 +37,5 @@ class ReportCallback(Callback):
             log.exception("the sweep's report failed; run `python -m vlmablate.report sweep_dir=%s`", sweep_dir)
             return
         log.info("sweep report: %s", sweep_dir / "comparison.md")
-        print(console_report(result, sweep_dir))
-        logger = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else {}
-        decided = log_decision(logger, result["decision"], sweep_dir=sweep_dir, rows=result["rows"])
-        offline = result["wandb_offline"] + ([decided] if decided else [])
-        if offline:
-            print("W&B runs were logged offline; upload them with:\n  wandb sync " + " ".join(offline))
+        logger = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else None
+        publish(result, sweep_dir, logger)

@@ -722,6 +722,18 @@ def console_report(result: dict, sweep_dir: Path) -> str:
     return f"{result['markdown']}\nwritten: {files}\n\n{decision.decision_text(result['decision'])}"
 
 
+def publish(result: dict, sweep_dir: Path, logger: dict | None) -> None:
+    """Print the report (`console_report`), send the decision to W&B where the runs' `logger` names it, and
+    say how to upload what was logged offline: the CLI's and the sweep callback's ending."""
+    from vlmablate.report.wandb_log import log_decision
+
+    print(console_report(result, sweep_dir))
+    decided = log_decision(logger, result["decision"], sweep_dir=sweep_dir, rows=result["rows"]) if logger else None
+    offline = result["wandb_offline"] + ([decided] if decided else [])
+    if offline:
+        print("W&B runs were logged offline; upload them with:\n  wandb sync " + " ".join(offline))
+
+
 def _name_twin_labels(rows: list[dict]) -> None:
     """Two cells with one label (an A/A arm keeps its cell's label) are told apart by their names."""
     labels = [r["label"] for r in rows]
