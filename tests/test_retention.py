@@ -204,7 +204,9 @@ def _crafted(folder: Path) -> None:
         _fake_run(folder, "full", seed, True, freeze="full_llm", items=items)
     _fake_run(folder, "frozen_lora", 0, True, freeze="lora_llm",
               retention={"difference": 0.03, "ci": [0.01, 0.05], "before": 1.0, "after": 1.03, "n": 4})
-    _fake_run(folder, "unmeasured", 0, True, freeze="lora_llm", vision="unfrozen")
+    # lm-eval tasks only, no text set: no loss difference to report
+    _fake_run(folder, "unmeasured", 0, True, freeze="lora_llm", vision="unfrozen",
+              retention={"lm_eval": {"tasks": {"mmlu": {"metrics": {"acc": {"difference": -0.01}}}}}})
 
 
 def test_the_report_sets_learning_against_forgetting(tmp_path):
@@ -270,6 +272,10 @@ def test_wandb_summaries_carry_the_retention_keys():
     assert (run.summary["retention_loss"], run.summary["retention_ci_low"], run.summary["retention_ci_high"]) == \
         (0.2, 0.1, 0.3)
     assert run.summary["eval.retention.difference"] == 0.2
+    finished = []
+    run.summary, run.finish = {}, lambda: finished.append(True)
+    finish_wandb(run, {"status": "completed", "eval": {"retention": {"lm_eval": {"tasks": {}}}}})
+    assert "retention_loss" not in run.summary and finished == [True]
     assert sweep_retention_summary([{"cell": "full", "retention_loss": 0.35, "retention_ci_low": 0.1,
                                      "retention_ci_high": 0.6, "mmbench_gain": 1.0},
                                     {"cell": "none", "retention_loss": None, "mmbench_gain": None}]) == {

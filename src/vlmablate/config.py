@@ -283,6 +283,13 @@ class RetentionConfig:
     n_world: int = 150  # tiny world: text-only dialogues generated, always the same ones
     batch_size: int = 32  # items per forward, in order of length
     max_length: Optional[int] = None  # longer items are cut from the end (null: model.max_length)
+    # lm-evaluation-harness tasks run on the LM's text path before and after training (eval/lm_eval_retention.py;
+    # the optional extra: pip install "vlmablate[lmeval]"); empty: none
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_include_path: Optional[str] = None  # a folder of task YAMLs of your own (lm-eval's --include_path)
+    lm_eval_limit: Optional[int] = None  # the first N documents of each task (null: all)
+    lm_eval_num_fewshot: Optional[int] = None  # null: each task's own n-shot
+    lm_eval_batch_size: int = 8
 
 
 @dataclass
@@ -646,6 +653,25 @@ def _validate_retention(cfg: RunConfig) -> None:
         if path.suffix not in (".json", ".jsonl"):
             raise ConfigError(f"eval.retention.data={ret.data}: a LLaVA-format .json of text-only conversations "
                               "or a .jsonl of {\"text\": ...} lines, not a *" + path.suffix + " file")
+    if ret.enabled and ret.lm_eval_tasks:
+        _validate_lm_eval(ret)
+
+
+def _validate_lm_eval(ret: RetentionConfig) -> None:
+    """lm-eval installed and sane settings; whether lm-eval knows the tasks is checked before training
+    (train/runner.validate_cell: indexing lm-eval's tasks takes seconds)."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(f"eval.retention.lm_eval_tasks={list(ret.lm_eval_tasks)} needs lm-evaluation-harness, "
+                          'which is not installed; install it with: pip install "vlmablate[lmeval]"')
+    if ret.lm_eval_batch_size < 1 or (ret.lm_eval_limit is not None and ret.lm_eval_limit < 1) or (
+            ret.lm_eval_num_fewshot is not None and ret.lm_eval_num_fewshot < 0):
+        raise ConfigError(f"eval.retention: lm_eval_batch_size ({ret.lm_eval_batch_size}) and lm_eval_limit "
+                          f"({ret.lm_eval_limit}) must be >= 1, lm_eval_num_fewshot ({ret.lm_eval_num_fewshot}) >= 0")
+    if ret.lm_eval_include_path is not None and not Path(ret.lm_eval_include_path).is_dir():
+        raise ConfigError(f"eval.retention.lm_eval_include_path={ret.lm_eval_include_path} is not a folder (of "
+                          "lm-eval task YAMLs)")
 
 
 def cache_root(configured: Optional[str] = None) -> Path:

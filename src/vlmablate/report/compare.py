@@ -216,7 +216,8 @@ def retention_of(runs: list[dict]) -> dict:
     (larger: more forgetting), with a 95% CI from the crossed seeds × items model where two or more runs
     scored the same items (training noise included), else the one run's paired bootstrap over items."""
     measured = [(run, run["summary"].get("eval", {}).get("retention")) for run in runs]
-    measured = [(run, ret) for run, ret in measured if ret]
+    # a run that measured only lm-eval tasks (no text set) has no loss difference to average
+    measured = [(run, ret) for run, ret in measured if ret and "difference" in ret]
     if not measured:
         return {"retention_loss": None, "retention_ci_low": None, "retention_ci_high": None}
     loss = float(np.mean([ret["difference"] for _, ret in measured]))

@@ -120,7 +120,7 @@ def finish_wandb(run, summary: dict) -> None:
         keep = ("status", "cell", "seed", "params", "train", "eval")
         run.summary.update(flat_config({k: v for k, v in summary.items() if k in keep}))
         retention = (summary.get("eval") or {}).get("retention")
-        if retention:  # the report's and the decision's name for it, beside eval.retention.*
+        if retention and "difference" in retention:  # the report's and the decision's name, beside eval.retention.*
             run.summary.update(retention_keys(retention["difference"], *retention["ci"]))
         offline = run.settings.mode == "offline"
         run_path = Path(run.dir).parent

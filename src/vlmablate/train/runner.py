@@ -266,6 +266,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
         set_seed(cfg.train.seed)
         record.loaded = loaded = load_cell(cfg, model_cfg, plan, projector_path, stage1)
         retention = start_retention(cfg, loaded) if main else None
+        lm_eval_probe = start_lm_eval_retention(cfg, loaded) if main else None
         dataset, record.data = build_data(cfg, loaded)
         require_trainable_samples(cfg, plan, dataset)
         wandb_run = start_tracking(cfg, composed, run_dir) if main else None
@@ -283,7 +284,7 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
         if not main:
             return summary_of(record)
         record.artifacts = export_artifacts(cfg, trainer, loaded, run_dir)
-        record.eval = evaluate(cfg, trainer, loaded.processor, run_dir, wandb_run, retention)
+        record.eval = evaluate(cfg, trainer, loaded.processor, run_dir, wandb_run, retention, lm_eval_probe)
         record.status = "completed"
         return summary_of(record)
     except Exception as exc:
@@ -349,6 +350,10 @@ def validate_cell(cfg: RunConfig, overrides: list[str]) -> None:
     check_benchmark_files(cfg.eval)
     if cfg.eval.retention.enabled and cfg.eval.retention.data:
         read_retention_file(cfg.eval.retention.data, cfg.eval.retention.max_items)  # encoding is checked once loaded
+    if cfg.eval.retention.enabled and cfg.eval.retention.lm_eval_tasks:
+        from vlmablate.eval.lm_eval_retention import check_tasks  # lm-eval is an optional extra
+
+        check_tasks(list(cfg.eval.retention.lm_eval_tasks), cfg.eval.retention.lm_eval_include_path)
 
 
 def plan_of(cfg: RunConfig) -> FreezePlan:
@@ -483,10 +488,26 @@ def start_retention(cfg: RunConfig, loaded: LoadedCell) -> RetentionProbe | None
                                 cache_dir=cache_root(cfg.data.cache_dir))
 
 
+def start_lm_eval_retention(cfg: RunConfig, loaded: LoadedCell):
+    """The base's lm-eval results on `eval.retention.lm_eval_tasks` (eval/lm_eval_retention.py), before any
+    training step; None where none are named, retention is off, or the weights are sharded over ranks."""
+    ret = cfg.eval.retention
+    if not (ret.enabled and ret.lm_eval_tasks) or (dist.is_distributed() and (is_deepspeed_zero3_enabled()
+                                                                             or cfg.train.fsdp)):
+        return None
+    from vlmablate.eval.lm_eval_retention import LmEvalProbe  # lm-eval is an optional extra
+
+    identity = checkpoint_identity(loaded.lineage["checkpoint"], arch=loaded.lineage["arch"], quant=cfg.quant.mode,
+                                   dtype=str(compute_dtype(cfg)), torch_dtype=cfg.model.torch_dtype)
+    return LmEvalProbe.start(loaded.model, loaded.processor.tokenizer, ret, identity=identity,
+                             cache_dir=cache_root(cfg.data.cache_dir))
+
+
 def evaluate(cfg: RunConfig, trainer: VlmTrainer, processor, run_dir: Path, wandb_run,
-             retention: RetentionProbe | None = None) -> dict:
-    """Rank 0 evaluates the trained model (and its retention, where `start_retention` scored the base); with
-    its weights sharded over ranks it says how to evaluate later."""
+             retention: RetentionProbe | None = None, lm_eval_probe=None) -> dict:
+    """Rank 0 evaluates the trained model (and its retention, where `start_retention` scored the base, and its
+    lm-eval tasks, where `start_lm_eval_retention` ran them on the base); with its weights sharded over ranks it
+    says how to evaluate later."""
     if cfg.eval.name != "none" and dist.is_distributed() and (is_deepspeed_zero3_enabled() or trainer.is_fsdp_enabled):
         # The weights are sharded over the ranks, and every forward needs all of them: rank 0 alone
         # cannot evaluate. The saved run is evaluated in one process afterwards.
@@ -499,6 +520,9 @@ def evaluate(cfg: RunConfig, trainer: VlmTrainer, processor, run_dir: Path, wand
     log_predictions(wandb_run, samples, cfg.eval.wandb_samples)
     if retention is not None:
         results["retention"] = retention.measure(trainer.model, run_dir / "eval" / "retention", n_boot=cfg.eval.n_boot)
+    if lm_eval_probe is not None:
+        results.setdefault("retention", {})["lm_eval"] = lm_eval_probe.measure(
+            trainer.model, run_dir / "eval" / "retention", n_boot=cfg.eval.n_boot)
     return results
 
 
