@@ -7,7 +7,7 @@ the other end: the world's shipped tower taught the mark directly, with a linear
 (`pretrain.taught_reading`: colour and shape heads beside it, every parameter trained, AdamW and a
 cosine schedule), at each budget given as steps:batch:lr. It prints the images and the marked or
 plain objects each budget labels, and the held-out accuracy of the mark on the cells that hold an
-object (chance 0.5; the frozen tower's linear probe reads 0.649, a fully taught one 1.00). Where the
+object (chance 0.5, where the frozen tower's linear probe reads it: the tower is blind to the mark). Where the
 curve crosses is the budget a tower needs, with the cleanest signal it can get.
 
     python benchmarks/world_mark_budget.py [--budgets 100:16:2e-4,400:16:2e-4,100:64:2e-3,400:64:2e-3]

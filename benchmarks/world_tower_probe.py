@@ -1,12 +1,12 @@
 """How far did stage 2 move the tiny world's vision tower? Linear probes of the untaught attributes, per run.
 
-The mark is the vision side's control: the shipped tower carries it weakly (a linear probe reads it at
-about 0.65, chance 0.5), and only a tower that trains can learn to see it. A run with `vision=unfrozen`
-saves its tower among its trainable weights (`final/non_lora_trainables.safetensors`; a full fine-tune in
-`final/model/`). This script loads the shipped tower, puts each run's trained weights in, and fits the
-components' own linear probes for size, fill and the mark on layer −2, beside the shipped tower's. It
-also prints how far the weights moved (the median and largest relative change of a weight tensor). The benchmark's
-`mark_recognition` can only rise where the probe does.
+The mark is the vision side's control: the shipped tower cannot see it (its patch embedding is orthogonal to
+the mark's texture, so a linear probe reads it at chance, 0.5), and only a tower that trains can learn to see
+it. A run with `vision=unfrozen` saves its tower among its trainable weights
+(`final/non_lora_trainables.safetensors`; a full fine-tune in `final/model/`). This script loads the shipped
+tower, puts each run's trained weights in, and fits the components' own linear probes for size, fill and the
+mark on layer −2, beside the shipped tower's. It also prints how far the weights moved (the median and largest
+relative change of a weight tensor). The benchmark's `mark_recognition` can only rise where the probe does.
 
     python benchmarks/world_tower_probe.py RUN_DIR [RUN_DIR ...] [--n-probe 500]
 """

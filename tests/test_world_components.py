@@ -88,6 +88,27 @@ def test_the_script_writes_a_folder_its_loaders_read(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
+def test_vision_only_rebuilds_the_tower_and_keeps_the_language_model(tmp_path, capsys):
+    sets = sum((["--set", f"{part}.{k}={v}"] for part in ("vision", "lm") for k, v in TINY[part].items()
+                if k != "reading"), []) + ["--set", "lm.reading.curriculum_steps=3", "--set", "probe_per_kind=4"]
+    out = tmp_path / "out"
+    first = components.main(["--out", str(out), *sets])
+    kept = {name: (out / name).read_bytes() for name in ("llm/model.safetensors", "board.safetensors")}
+    tower = (out / "vision" / "model.safetensors").read_bytes()
+    second = components.main(["--out", str(out), "--vision-only", *sets, "--set", "vision.seed=1"])
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    assert (out / "vision" / "model.safetensors").read_bytes() != tower
+    assert second["config"]["vision"]["seed"] == 1 and second["hash"] != first["hash"]
+    assert second["lm_from"] == {"hash": first["hash"], "seconds": first["seconds"]}
+    assert (second["lm"], second["reading_probe"]) == (first["lm"], first["reading_probe"])
+    assert json.loads((out / "meta.json").read_text()) == json.loads(json.dumps(second))
+    with pytest.raises(components.ConfigError, match="another LM recipe"):
+        components.main(["--out", str(out), "--vision-only", *sets, "--set", "lm.steps=7"])
+    with pytest.raises(SystemExit, match="there is none there"):
+        components.main(["--out", str(tmp_path / "empty"), "--vision-only"])
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
 def test_bad_script_settings_are_named():
     with pytest.raises(components.ConfigError, match=r"--set.lm has no field\(s\) \['bogus'\]"):
         components.main(["--set", "lm.bogus=1"])

@@ -49,7 +49,7 @@ from vlmablate.data.dataset import llava_turns
 from vlmablate.world import language
 from vlmablate.world.scenes import Scene, render, sample_scene, scene_rng
 
-GENERATOR_VERSION = 2  # bump when anything that changes the generated files changes
+GENERATOR_VERSION = 3  # bump when anything that changes the generated files changes
 
 MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category",
                    "image", "split")

@@ -51,7 +51,21 @@ try:  # transformers >= 5 splits image processors into torchvision and PIL backe
 except ImportError:  # pragma: no cover - older transformers
     from transformers import CLIPImageProcessor
 
-from vlmablate.world.scenes import COLOURS, FILLS, GRID, MARKS, SHAPES, SIZES, Scene, render, sample_scene, scene_rng
+from vlmablate.world.scenes import (
+    CELL,
+    COLOURS,
+    FILLS,
+    GRID,
+    MARK_DEPTH,
+    MARKS,
+    SHAPES,
+    SIZES,
+    Scene,
+    mark_pattern,
+    render,
+    sample_scene,
+    scene_rng,
+)
 
 IGNORE_INDEX = -100
 N_CELLS = GRID * GRID
@@ -261,12 +275,36 @@ def _cell_loss(outputs, targets: torch.Tensor, place_loss: float = 0.0) -> torch
     return loss
 
 
+def mark_direction(processor, patch_size: int) -> torch.Tensor:
+    """The mark as the patch embedding sees it: the change a marked cell makes to the processor's pixel values
+    of its patch ([3, patch, patch], unit norm). Pixel values are (pixel / 255 - mean) / std per channel, so
+    darkening by MARK_DEPTH is -MARK_DEPTH / 255 / std in each channel, wherever the pattern is 1."""
+    if patch_size != CELL:
+        raise ValueError(f"the mark is aligned with the {CELL}-pixel cells; patch_size {patch_size} is not")
+    pattern = torch.from_numpy(mark_pattern()).float()
+    scale = -MARK_DEPTH * processor.rescale_factor / torch.tensor(processor.image_std)
+    direction = scale.view(3, 1, 1) * pattern
+    return direction / direction.norm()
+
+
+@torch.no_grad()
+def blind_to_mark(model: CLIPVisionModel, direction: torch.Tensor) -> None:
+    """Remove the mark's direction from every filter of the patch embedding: the tower then maps a marked
+    patch to exactly the embedding of the same patch unmarked (CLIP's patch embedding has no bias)."""
+    weight = model.get_input_embeddings().weight  # the patch embedding: [hidden, 3, patch, patch]
+    flat = weight.view(weight.shape[0], -1)
+    d = direction.to(flat).flatten()
+    flat -= torch.outer(flat @ d, d)
+
+
 def _train_vision(model, heads, images, targets, processor, cfg: VisionPretrainConfig, progress: bool) -> None:
     params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
     scheduler = _cosine(optimizer, steps_per_epoch * cfg.epochs)
     order = torch.Generator().manual_seed(cfg.seed)
+    blind = mark_direction(processor, cfg.patch_size)
+    blind_to_mark(model, blind)
     model.train()
     bar = tqdm(total=steps_per_epoch * cfg.epochs, desc="vision pretraining", disable=not progress)
     for _ in range(cfg.epochs):
@@ -277,6 +315,7 @@ def _train_vision(model, heads, images, targets, processor, cfg: VisionPretrainC
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            blind_to_mark(model, blind)
             scheduler.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             bar.update()

@@ -4,11 +4,13 @@ The canvas is a GRID × GRID board of CELL-pixel cells; each object sits in one 
 jitter), so a vision transformer whose patch size equals the cell sees one object per patch. That
 alignment is what lets a tiny ViT learn the world in seconds on a CPU.
 
-Objects have a shape, a colour, a size, a fill and a mark (a small dark dot at the centre, or none).
-The vision encoder's pretraining covers shape and colour only; size, fill and the mark are left for
-the later stages to discover (as CLIP was never taught OCR), which is what gives the freeze ablation
-something to find. Size and fill change a hundred pixels each, so a frozen encoder carries them
-anyway; the mark changes four, and a frozen encoder barely does: only one that is trained reads it.
+Objects have a shape, a colour, a size, a fill and a mark (a dotted texture over the object's cell,
+or none). The vision encoder's pretraining covers shape and colour only; size, fill and the mark are left
+for the later stages to discover (as CLIP was never taught OCR), which is what gives the freeze ablation
+something to find. Size and fill change a hundred pixels each, so a frozen encoder carries them anyway.
+The mark is the one a frozen encoder cannot see at all: its texture is a fixed pixel pattern, and the
+tower's pretraining holds its patch embedding orthogonal to that pattern (`pretrain.mark_direction`), as a
+camera with a filter would be blind to it. Only a tower whose patch embedding trains can read it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 GRID = 4
@@ -24,20 +27,22 @@ IMAGE_SIZE = GRID * CELL
 BACKGROUND = (255, 255, 255)
 
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")
+# No channel below MARK_DEPTH (64): the mark's texture darkens any colour without clipping.
 COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 200, 30),
-    "purple": (140, 50, 170),
-    "orange": (245, 130, 20),
+    "red": (220, 64, 64),
+    "green": (64, 170, 80),
+    "blue": (64, 96, 220),
+    "yellow": (235, 200, 64),
+    "purple": (150, 64, 180),
+    "orange": (245, 140, 64),
 }
 SIZES = ("small", "large")
 FILLS = ("solid", "outline")
 MARKS = ("plain", "dotted")
-# Dark grey, not black: the frozen tower's probe read a black dot at 0.73, this one at 0.64-0.66 (chance
-# 0.5), while a taught tower reads either at 0.99-1.00 (benchmarks/world_vision_mark.py).
-MARK_INK = (64, 64, 64)
+# The mark darkens every other pixel of its object's cell (a checkerboard, aligned with the cell, whatever
+# the object's jitter) by MARK_DEPTH. No colour channel is below MARK_DEPTH, so nothing clips: a marked
+# image is exactly the plain one minus the pattern, and a tower blind to the pattern sees no difference.
+MARK_DEPTH = 64
 ROW_NAMES = ("top", "upper middle", "lower middle", "bottom")
 COL_NAMES = ("left", "centre left", "centre right", "right")
 
@@ -125,17 +130,22 @@ def render(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
             draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=colour, width=width)
         else:
             draw.polygon(_polygon(o.shape, cx, cy, r), fill=fill, outline=colour, width=width)
-        if o.mark != "plain":
-            _draw_mark(draw, cx, cy)
+    marked = [o for o in scene.objects if o.mark != "plain"]
+    if marked:
+        pixels = np.asarray(image, dtype=np.int16).copy()
+        texture = MARK_DEPTH * mark_pattern()[..., None]
+        for o in marked:
+            pixels[o.row * CELL:(o.row + 1) * CELL, o.col * CELL:(o.col + 1) * CELL] -= texture
+        image = Image.fromarray(pixels.astype(np.uint8))
     if image_size != IMAGE_SIZE:
         image = image.resize((image_size, image_size), Image.BICUBIC)
     return image
 
 
-def _draw_mark(draw: ImageDraw.ImageDraw, cx: float, cy: float) -> None:
-    """A dot of ink at the object's centre: 2 x 2 pixels, dark on any colour and on the white inside an
-    outline, so it is there to see whatever the object's fill and shape."""
-    draw.rectangle([cx - 1, cy - 1, cx, cy], fill=MARK_INK)
+def mark_pattern() -> np.ndarray:
+    """The mark's texture on one cell, [CELL, CELL] of 0 and 1: a checkerboard of single pixels."""
+    rows, cols = np.indices((CELL, CELL))
+    return ((rows + cols) % 2).astype(np.int16)
 
 
 def position(o: Obj) -> str:
