@@ -198,8 +198,8 @@ def test_stage_one_is_shared_by_every_cell_and_seed():
 
     for cell in ("frozen_frozen", "frozen_lora", "unfrozen_lora", "full"):
         for seed in (0, 1, 2):
-            kept = stage1_overrides([f"cell={cell}", f"train.seed={seed}", "world=test", "train.max_steps=3"],
-                                    "tiny_world_caption")
+            kept = stage1_overrides([f"cell={cell}", f"train.seed={seed}", "world=test", "train.max_steps=3",
+                                     "world.n_instruct=20000", "world.question_weights.mark=3"], "tiny_world_caption")
             assert kept == ["world=test", "train.max_steps=3", "stage=align", "data=tiny_world_caption", "eval=none",
                             "model.pretrained_projector=null"]
 

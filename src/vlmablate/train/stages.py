@@ -30,9 +30,11 @@ PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
 # Overrides that belong to the stage-2 cell and must not leak into its stage-1 run.
 # `cell` picks vision and freeze; `train.seed` is a sweep's repeat axis: stage 1 is shared by every cell
 # and every seed of a grid, as LLaVA shares one pretrained projector, and trains with its own default seed.
-# `world.question_weights` shapes stage 2's questions only; stage 1's captions are the same under any.
+# `world.question_weights` and `world.n_instruct` shape stage 2's conversations only (the captions are scenes
+# [0, n_caption), the conversations the next ones): stage 1's captions are the same under any, so a stage 2
+# made longer keeps the stage-1 projector of the default length.
 _CELL_KEYS = ("stage", "freeze", "vision", "cell", "data", "eval", "model.pretrained_projector", "hydra",
-              "train.seed", "world.question_weights")
+              "train.seed", "world.question_weights", "world.n_instruct")
 # Settings that do not change what a run learns, left out of its hash (a sweep run again with resume
 # on, or with W&B, still finds its finished cells). The MFU peak, the plan command's GPU, MFU and data
 # size, the report's budgets and the retention evaluation came later: left out, they also keep the hashes
