@@ -590,7 +590,7 @@ def plot_forgetting(rows: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    fig, ax = plt.subplots(figsize=(7, 5.4))
     for r in points:
         x, y = r["retention_loss"], r["mmbench_gain"]
         xlo, xhi = r.get("retention_ci_low"), r.get("retention_ci_high")
@@ -600,11 +600,12 @@ def plot_forgetting(rows: list[dict], path: Path) -> bool:
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=4, label=r["label"])
     ax.axhline(0, color="grey", lw=1)
     ax.axvline(0, color="grey", lw=1)
-    ax.set_xlabel("retention loss: LM loss increase on text alone (nats/token; larger = more forgetting)")
+    ax.set_xlabel("retention loss: LM loss increase on text alone\n(nats/token; larger = more forgetting)")
     reference = next((r["label"] for r in rows if r["cell"] == points[0]["gain_over"]), points[0]["gain_over"])
-    ax.set_ylabel(f"MMBench gain over {reference}")
+    ax.set_ylabel(f"MMBench circular gain over\n{reference}")  # two lines: a cell's label is long
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    # under the axes, where it hides no point or error bar
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
