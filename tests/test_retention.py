@@ -66,10 +66,42 @@ def test_a_frozen_llm_retains_exactly_and_the_base_is_cached(run_cell):
 
 @pytest.mark.slow
 def test_the_tiny_world_scores_its_own_dialogues_and_a_frozen_llm_loses_nothing(run_cell):
-    ret = run_cell(*WORLD_RUN, "freeze=frozen_llm")["eval"]["retention"]
+    ret = run_cell(*WORLD_RUN, "freeze=frozen_llm", "eval.retention.reading_per_kind=8")["eval"]["retention"]
     assert ret["difference"] == 0.0 and ret["ci"] == [0.0, 0.0] and ret["n"] == 40
     assert "text-only dialogues of the tiny world" in ret["measured"]
     assert 0 < ret["before"] < 1.0  # the shipped LM knows these facts: far below log(vocabulary) = 6.6
+    # Its other skill, reading boards: every kind in both formats, the same before and after for a frozen LLM,
+    # and the base's accuracies through the Llava model's LM are the shipped LM's own on the same questions.
+    reading = ret["reading"]
+    from vlmablate.world import language
+
+    kinds = [*language.CATEGORIES, *(f"{k}@choice" for k in language.CATEGORIES)]
+    assert list(reading["before"]) == kinds and reading["after"] == reading["before"]
+    assert set(reading["difference"].values()) == {0.0} and reading["mean_difference"] == 0.0
+    assert reading["per_kind"] == 8 and "board transcripts" in reading["measured"]
+    assert reading["before"] == _shipped_lm_reading(per_kind=8)
+    assert reading["mean_before"] > 0.5  # it reads: most kinds near 1.0 (docs/tiny_world.md, the reading probe)
+
+
+def _shipped_lm_reading(per_kind: int, folder: Path | None = None, recipe=None) -> dict:
+    """A components folder's LM (the shipped one by default) reading on its own, outside any Llava model, the
+    retention probe's questions."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from vlmablate.eval.retention import READING_SEED
+    from vlmablate.world import components, language
+    from vlmablate.world.reader import probe_set
+    from vlmablate.world.reading import Encoder, reading_probe
+
+    folder = folder or components.shipped_folder()
+    enc = Encoder(AutoTokenizer.from_pretrained(folder / "llm"))
+    recipe = (recipe or components.shipped_config()).lm
+    every_kind = dataclasses.replace(recipe, reading=dataclasses.replace(recipe.reading, kinds=language.CATEGORIES))
+    lm = LlamaForCausalLM.from_pretrained(folder / "llm").eval()
+    items = probe_set(enc, every_kind, seed=READING_SEED, n_per_kind=per_kind)
+    return reading_probe(lm, components.load_board(folder), enc, items)
 
 
 def test_a_known_logit_shift_changes_the_loss_by_the_hand_computed_amount():
@@ -314,3 +346,39 @@ def test_the_base_is_scored_with_lora_switched_off():
     trained, _ = item_losses(wrapped, ITEMS, pad_id=0)
     assert base.tolist() == plain.tolist()  # bitwise: the adapters are off, not merely small
     assert np.abs(trained - plain).max() > 1e-4
+
+
+def test_the_reading_probe_scores_the_trained_lm_and_caches_the_base(tmp_path):
+    # The main job's composed model (shipped components, fresh projector): through it, the base reads as the
+    # shipped LM does on its own. A head of zeros after the base was scored makes every greedy answer token 0,
+    # never an answer: each kind's after is 0.0 and its difference minus its before, to the digit.
+    from vlmablate.eval.retention import ReadingProbe
+    from vlmablate.model.load import load_model
+    from vlmablate.model.plan import resolve_plan
+    from vlmablate.train.runner import prepare_model
+    from vlmablate.world.components import components_config, ensure_components
+
+    cfg, _ = compose_run("train.progress=false")
+    plan = resolve_plan(cfg.vision, cfg.projector, cfg.freeze, cfg.quant, cfg.stage, lr_scale=cfg.train.lr_scale)
+    loaded = load_model(prepare_model(cfg, plan), projector_type=plan.projector_type, quant=cfg.quant,
+                        skip_modules=[], compute_dtype=torch.float32)
+    model = loaded.model.train()
+
+    folder, recipe = ensure_components(cfg.world), components_config(cfg.world)
+
+    def start():
+        return ReadingProbe.start(model, loaded.processor.tokenizer, folder, recipe, per_kind=4,
+                                  identity={"base": "test"}, cache_dir=tmp_path)
+
+    probe = start()
+    assert not probe.cached and probe.before == _shipped_lm_reading(per_kind=4, folder=folder, recipe=recipe)
+    assert sum(probe.before.values()) > 0.5 * len(probe.before)  # it reads, so a loss of everything shows
+    assert model.training and all(m.training for m in model.modules())  # modes as they were
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    result = probe.measure(model)
+    assert set(result["after"].values()) == {0.0}
+    assert result["difference"] == {k: round(-v, 4) for k, v in probe.before.items()}
+    assert result["mean_after"] == 0.0 and result["mean_difference"] == -result["mean_before"]
+    again = start()  # the base comes from the cache, not from the changed model
+    assert again.cached and again.before == probe.before

@@ -281,6 +281,9 @@ class RetentionConfig:
     data: Optional[str] = None
     max_items: Optional[int] = None  # the first N records of `data` (null: all)
     n_world: int = 150  # tiny world: text-only dialogues generated, always the same ones
+    # tiny world: held-out board-reading questions per kind and answer format that the LM answers before and
+    # after (its pretrained skill, read through the trained model's LM); 0: off
+    reading_per_kind: int = 50
     batch_size: int = 32  # items per forward, in order of length
     max_length: Optional[int] = None  # longer items are cut from the end (null: model.max_length)
     # lm-evaluation-harness tasks run on the LM's text path before and after training (eval/lm_eval_retention.py;
@@ -646,6 +649,8 @@ def _validate_retention(cfg: RunConfig) -> None:
     if ret.n_world < 1 or ret.batch_size < 1 or (ret.max_items is not None and ret.max_items < 1):
         raise ConfigError(f"eval.retention: n_world ({ret.n_world}), batch_size ({ret.batch_size}) and max_items "
                           f"({ret.max_items}) must be >= 1")
+    if ret.reading_per_kind < 0:
+        raise ConfigError(f"eval.retention.reading_per_kind={ret.reading_per_kind}: questions per kind, >= 0 (0: off)")
     if ret.enabled and ret.data is not None:
         path = Path(ret.data)
         if not path.is_file():

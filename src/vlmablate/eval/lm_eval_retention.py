@@ -34,7 +34,7 @@ import torch
 
 from vlmablate.errors import ConfigError
 from vlmablate.eval.metrics import bootstrap_ci
-from vlmablate.model.plan import unwrap
+from vlmablate.eval.retention import kept_modes, text_lm
 
 log = logging.getLogger(__name__)
 
@@ -96,39 +96,18 @@ def check_tasks(tasks: list[str], include_path: str | None) -> None:
 # --- the model --------------------------------------------------------------------------------------
 
 
-def text_lm(model) -> torch.nn.Module:
-    """A causal LM of the language model's own class whose decoder and head *are* the Llava model's (no copy).
-
-    Built on the meta device, then given the Llava model's `language_model` and `lm_head` modules, so it owns no
-    weights: what trains in the Llava model is what this scores. Its config ties the head to the embeddings only
-    where the Llava model already does, since lm-eval calls `tie_weights()` and must not change the model.
-    """
-    from transformers import AutoModelForCausalLM
-
-    inner = unwrap(model)
-    language_model, head = inner.model.language_model, inner.lm_head
-    config = copy.deepcopy(inner.config.get_text_config())
-    config.tie_word_embeddings = head.weight is language_model.get_input_embeddings().weight
-    with torch.device("meta"):
-        view = AutoModelForCausalLM.from_config(config)
-    view.model, view.lm_head = language_model, head
-    return view
-
-
 @contextlib.contextmanager
 def _kept_state(model):
     """Put back, after lm-eval, each module's train/eval mode and the random number generators' states: lm-eval
     seeds them, and training must draw the same numbers whether or not lm-eval ran before it."""
-    modes = {m: m.training for m in model.modules()}
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        with kept_modes(model), torch.random.fork_rng(
+                devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
             yield
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def run_tasks(model, tokenizer, cfg, *, base: bool = False) -> dict:

@@ -18,11 +18,17 @@ checkpoint's identity (its path, weight files, quantization and dtype), of the e
 size. It is read from the model right after loading, with any LoRA adapter switched off, so a frozen LLM
 scores the same items in the same batches through the same weights twice: its difference is 0 by
 construction.
+
+The tiny world's LM has a second skill of its own to keep: it was pretrained to read board transcripts (16
+cell vectors where `<image>` stands). `ReadingProbe` scores that reading, per kind of question and in both
+answer formats, on held-out boards before and after stage 2 (`eval.retention.reading_per_kind`), through the
+trained model's own LM: what stage 2 cost the reader the world was built on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -162,6 +168,40 @@ def retention_set(cfg, processor, *, tiny_world: bool, max_length: int) -> Reten
     return RetentionSet(items, WORLD_MEASURED.format(n=len(items)))
 
 
+# --- the LM's text path -----------------------------------------------------------------------------
+
+
+def text_lm(model) -> torch.nn.Module:
+    """A causal LM of the language model's own class whose decoder and head *are* the Llava model's (no copy).
+
+    Built on the meta device, then given the Llava model's `language_model` and `lm_head` modules, so it owns no
+    weights: what trains in the Llava model is what this scores. Its config ties the head to the embeddings only
+    where the Llava model already does, since lm-eval calls `tie_weights()` and must not change the model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    inner = unwrap(model)
+    language_model, head = inner.model.language_model, inner.lm_head
+    config = copy.deepcopy(inner.config.get_text_config())
+    config.tie_word_embeddings = head.weight is language_model.get_input_embeddings().weight
+    with torch.device("meta"):
+        view = AutoModelForCausalLM.from_config(config)
+    view.model, view.lm_head = language_model, head
+    return view
+
+
+@contextlib.contextmanager
+def kept_modes(model):
+    """Put each module's train/eval mode back afterwards (a scorer that calls `.eval()` / `.train()` on a view
+    that shares the model's modules would otherwise leave them in its own mode)."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
 # --- scoring ----------------------------------------------------------------------------------------
 
 
@@ -241,6 +281,7 @@ class RetentionProbe:
     before_s: float
     pad_id: int
     batch_size: int
+    reading: ReadingProbe | None = None  # the tiny world's LM reading boards, where asked
 
     @classmethod
     def start(cls, rset: RetentionSet, model, *, pad_id: int, batch_size: int, identity: dict,
@@ -272,6 +313,8 @@ class RetentionProbe:
         result = retention_result(self.before, after, self.tokens, measured=self.rset.measured, n_boot=n_boot)
         seconds = time.perf_counter() - start
         result.update(seconds=round(self.before_s + seconds, 3), before_cached=self.cached)
+        if self.reading is not None:
+            result["reading"] = self.reading.measure(model)
         out_dir.mkdir(parents=True, exist_ok=True)
         with (out_dir / "items.jsonl").open("w") as f:
             for i, (b, a, n) in enumerate(zip(self.before, after, self.tokens)):
@@ -282,4 +325,96 @@ class RetentionProbe:
                  result["after"], result["difference"], lo, hi, result["perplexity_before"],
                  result["perplexity_after"], result["seconds"], "cached" if self.cached else "computed",
                  self.before_s, seconds)
+        return result
+
+
+# --- the tiny world's reading -------------------------------------------------------------------------
+
+READING_VERSION = 1  # bump when how the reading probe is scored changes: cached "before" values then recompute
+# The boards of the retention reading probe: held out (the "reading_probe" split no training document draws
+# from), and apart from the components' own probes (seeds 0 and 1) and their tests' (2).
+READING_SEED = 3
+READING_MEASURED = ("greedy exact-match accuracy of the LM reading board transcripts (16 cell vectors where "
+                    "<image> stands, as it was pretrained), {n} held-out questions per kind and answer format "
+                    "(short answer; MMBench's letter as '@choice'), no image; before = the base LM as loaded, "
+                    "after = the trained cell; difference = after - before (negative: forgetting)")
+
+
+@dataclass
+class ReadingProbe:
+    """The tiny world's LM reading boards: the base's accuracies per kind, taken before training; `measure` after.
+
+    The LM is read through the trained model's own modules (`text_lm`), so LoRA and full fine-tuning show, and a
+    frozen LLM reads the same items through the same weights twice: its difference is 0 per kind by construction.
+    """
+
+    items: dict
+    board: torch.nn.Module
+    enc: object
+    before: dict
+    cached: bool
+    before_s: float
+    per_kind: int
+
+    @classmethod
+    def start(cls, model, tokenizer, components: Path, recipe, *, per_kind: int, identity: dict,
+              cache_dir: Path) -> ReadingProbe:
+        """The probe's items from `recipe` (the components' ComponentsConfig), every kind in each of its formats;
+        the base's accuracies from the cache, or scored on the model as loaded (LoRA off) and cached."""
+        import dataclasses
+
+        from vlmablate.world import language
+        from vlmablate.world.components import load_board
+        from vlmablate.world.reader import probe_set
+        from vlmablate.world.reading import Encoder
+
+        start = time.perf_counter()
+        enc = Encoder(tokenizer)
+        every_kind = dataclasses.replace(recipe.lm, reading=dataclasses.replace(recipe.lm.reading,
+                                                                                kinds=language.CATEGORIES))
+        items = probe_set(enc, every_kind, seed=READING_SEED, n_per_kind=per_kind)
+        board = load_board(components).to(next(model.parameters()).device)
+        material = {"version": READING_VERSION, "base": identity, "components": str(components),
+                    "meta": json.loads((Path(components) / "meta.json").read_text())["hash"], "per_kind": per_kind,
+                    "seed": READING_SEED}
+        key = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = Path(cache_dir) / "retention" / f"reading-{key}.json"
+        cached = path.exists()
+        probe = cls(items, board, enc, {}, cached, 0.0, per_kind)
+        if cached:
+            probe.before = json.loads(path.read_text())["before"]
+        else:
+            probe.before = probe.score(model, base=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"material": material, "before": probe.before}, default=str))
+            os.replace(tmp, path)
+        probe.before_s = time.perf_counter() - start
+        return probe
+
+    @torch.no_grad()
+    def score(self, model, *, base: bool = False) -> dict[str, float]:
+        """Accuracy per kind ("colour", "colour@choice", ...) of the model's LM; `base`: with LoRA switched off."""
+        from vlmablate.world.reading import reading_probe
+
+        adapters_off = getattr(model, "disable_adapter", None) if base else None
+        with kept_modes(model), (adapters_off() if callable(adapters_off) else contextlib.nullcontext()):
+            return reading_probe(text_lm(model), self.board, self.enc, self.items)
+
+    def measure(self, model) -> dict:
+        """summary.json's `eval.retention.reading`: before, after and difference per kind, and their means."""
+        start = time.perf_counter()
+        after = self.score(model)
+        kinds = list(self.before)
+        difference = {k: round(after[k] - self.before[k], 4) for k in kinds}
+        result = {"before": self.before, "after": after, "difference": difference,
+                  "mean_before": round(float(np.mean([self.before[k] for k in kinds])), 4),
+                  "mean_after": round(float(np.mean([after[k] for k in kinds])), 4),
+                  "mean_difference": round(float(np.mean(list(difference.values()))), 4),
+                  "per_kind": self.per_kind, "measured": READING_MEASURED.format(n=self.per_kind),
+                  "seconds": round(self.before_s + time.perf_counter() - start, 3), "before_cached": self.cached}
+        worst = min(kinds, key=difference.get)
+        log.info("retention, reading boards (%d questions per kind and format): mean %.3f -> %.3f (%+.3f); most "
+                 "lost: %s %.3f -> %.3f", self.per_kind, result["mean_before"], result["mean_after"],
+                 result["mean_difference"], worst, self.before[worst], after[worst])
         return result

@@ -26,7 +26,13 @@ from vlmablate.data.collator import LlavaCollator
 from vlmablate.data.dataset import preflight
 from vlmablate.data.errors import DataError
 from vlmablate.data.sources import MixedDataset, build_dataset
-from vlmablate.eval.retention import RetentionProbe, checkpoint_identity, read_retention_file, retention_set
+from vlmablate.eval.retention import (
+    ReadingProbe,
+    RetentionProbe,
+    checkpoint_identity,
+    read_retention_file,
+    retention_set,
+)
 from vlmablate.eval.suite import check_benchmark_files, run_eval
 from vlmablate.model.load import load_model, model_dims, resolve_checkpoint
 from vlmablate.model.plan import (
@@ -483,9 +489,16 @@ def start_retention(cfg: RunConfig, loaded: LoadedCell) -> RetentionProbe | None
                                    dtype=str(compute_dtype(cfg)), torch_dtype=cfg.model.torch_dtype)
     tok = loaded.processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    return RetentionProbe.start(rset, loaded.model, pad_id=pad_id,
-                                batch_size=cfg.eval.retention.batch_size, identity=identity,
-                                cache_dir=cache_root(cfg.data.cache_dir))
+    probe = RetentionProbe.start(rset, loaded.model, pad_id=pad_id, batch_size=cfg.eval.retention.batch_size,
+                                 identity=identity, cache_dir=cache_root(cfg.data.cache_dir))
+    if cfg.model.source == "tiny_world" and cfg.eval.retention.reading_per_kind:  # the LM's own pretrained skill
+        from vlmablate.world.components import components_config, ensure_components
+
+        probe.reading = ReadingProbe.start(loaded.model, tok, ensure_components(cfg.world),
+                                           components_config(cfg.world),
+                                           per_kind=cfg.eval.retention.reading_per_kind, identity=identity,
+                                           cache_dir=cache_root(cfg.data.cache_dir))
+    return probe
 
 
 def start_lm_eval_retention(cfg: RunConfig, loaded: LoadedCell):
