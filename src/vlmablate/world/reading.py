@@ -255,11 +255,14 @@ def probe_items(enc: Encoder, kinds: tuple[str, ...], n_per_kind: int, seed: int
 @torch.no_grad()
 def reading_probe(model, board: BoardEmbedding, enc: Encoder, items: dict[str, list[ReadingDoc]], *,
                   blank: bool = False, batch_size: int = 64) -> dict[str, float]:
-    """Greedy exact-match accuracy per kind on `items` (from `probe_items`); `blank` reads empty boards."""
+    """Greedy exact-match accuracy per kind on `items` (from `probe_items`); `blank` reads empty boards. The
+    batches go to the model's device (retention reads a trained model's LM, which may sit on a GPU)."""
+    device = next(model.parameters()).device
+
     def logits(docs, ids, mask):
-        cells = torch.stack([enc.vocab.cells(None if blank else d.scene) for d in docs])
-        return model(inputs_embeds=embed_inputs(model, board, ids, cells, enc.image_token_id),
-                     attention_mask=mask).logits
+        cells = torch.stack([enc.vocab.cells(None if blank else d.scene) for d in docs]).to(device)
+        return model(inputs_embeds=embed_inputs(model, board, ids.to(device), cells, enc.image_token_id),
+                     attention_mask=mask.to(device)).logits
 
     was_training = model.training
     model.eval()
@@ -280,7 +283,7 @@ def score_answers(logits_of, enc: Encoder, items: dict[str, list[ReadingDoc]], *
         for start in range(0, len(docs), batch_size):
             chunk = docs[start: start + batch_size]
             ids, _, mask = collate(chunk, enc.tokenizer.pad_token_id)
-            predicted = logits_of(chunk, ids, mask).argmax(-1)
+            predicted = logits_of(chunk, ids, mask).argmax(-1).cpu()
             for row, d in enumerate(chunk):
                 (a, b, _), = d.answers
                 correct += bool((predicted[row, a - 1: b - 1] == ids[row, a:b]).all())
