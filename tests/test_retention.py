@@ -86,21 +86,17 @@ def test_the_tiny_world_scores_its_own_dialogues_and_a_frozen_llm_loses_nothing(
 def _shipped_lm_reading(per_kind: int, folder: Path | None = None, recipe=None) -> dict:
     """A components folder's LM (the shipped one by default) reading on its own, outside any Llava model, the
     retention probe's questions."""
-    import dataclasses
-
     from transformers import AutoTokenizer
 
     from vlmablate.eval.retention import READING_SEED
-    from vlmablate.world import components, language
-    from vlmablate.world.reader import probe_set
+    from vlmablate.world import components
     from vlmablate.world.reading import Encoder, reading_probe
 
     folder = folder or components.shipped_folder()
     enc = Encoder(AutoTokenizer.from_pretrained(folder / "llm"))
-    recipe = (recipe or components.shipped_config()).lm
-    every_kind = dataclasses.replace(recipe, reading=dataclasses.replace(recipe.reading, kinds=language.CATEGORIES))
     lm = LlamaForCausalLM.from_pretrained(folder / "llm").eval()
-    items = probe_set(enc, every_kind, seed=READING_SEED, n_per_kind=per_kind)
+    items = components.every_kind_probe_set(enc, recipe or components.shipped_config(), seed=READING_SEED,
+                                            per_kind=per_kind)
     return reading_probe(lm, components.load_board(folder), enc, items)
 
 

@@ -361,18 +361,12 @@ class ReadingProbe:
               cache_dir: Path) -> ReadingProbe:
         """The probe's items from `recipe` (the components' ComponentsConfig), every kind in each of its formats;
         the base's accuracies from the cache, or scored on the model as loaded (LoRA off) and cached."""
-        import dataclasses
-
-        from vlmablate.world import language
-        from vlmablate.world.components import load_board
-        from vlmablate.world.reader import probe_set
+        from vlmablate.world.components import every_kind_probe_set, load_board
         from vlmablate.world.reading import Encoder
 
         start = time.perf_counter()
         enc = Encoder(tokenizer)
-        every_kind = dataclasses.replace(recipe.lm, reading=dataclasses.replace(recipe.lm.reading,
-                                                                                kinds=language.CATEGORIES))
-        items = probe_set(enc, every_kind, seed=READING_SEED, n_per_kind=per_kind)
+        items = every_kind_probe_set(enc, recipe, seed=READING_SEED, per_kind=per_kind)
         board = load_board(components).to(next(model.parameters()).device)
         material = {"version": READING_VERSION, "base": identity, "components": str(components),
                     "meta": json.loads((Path(components) / "meta.json").read_text())["hash"], "per_kind": per_kind,

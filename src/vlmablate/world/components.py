@@ -248,10 +248,16 @@ def final_reading_probe(model, board: BoardEmbedding, tokenizer, cfg: Components
     of the corpus ("colour", "colour@choice"), greedy exact match on held-out boards (`image`) and on blank
     boards (`blank`)."""
     enc = Encoder(tokenizer)
-    every_kind = dataclasses.replace(cfg.lm, reading=dataclasses.replace(cfg.lm.reading, kinds=language.CATEGORIES))
-    items = probe_set(enc, every_kind, seed=PROBE_SEED, n_per_kind=cfg.probe_per_kind)
+    items = every_kind_probe_set(enc, cfg, seed=PROBE_SEED, per_kind=cfg.probe_per_kind)
     return {"image": reading_probe(model, board, enc, items), "blank": reading_probe(model, board, enc, items,
                                                                                      blank=True)}
+
+
+def every_kind_probe_set(enc: Encoder, cfg: ComponentsConfig, *, seed: int, per_kind: int) -> dict:
+    """Held-out reading questions of every kind (the ones no reading document asks included), in each answer
+    format of the LM's corpus, on boards of random seed `seed`."""
+    every_kind = dataclasses.replace(cfg.lm, reading=dataclasses.replace(cfg.lm.reading, kinds=language.CATEGORIES))
+    return probe_set(enc, every_kind, seed=seed, n_per_kind=per_kind)
 
 
 def load_board(folder: str | os.PathLike) -> BoardEmbedding:
