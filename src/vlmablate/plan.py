@@ -51,10 +51,10 @@ log = logging.getLogger(__name__)
 HUB_CONFIGS = Path(__file__).parent / "model" / "hub_configs"
 GIB = 2**30
 # The reference freeze table: (name, vision option, freeze option)
-SEED_GRID = (("frozen vision + frozen LLM", "frozen", "frozen_llm"),
-             ("frozen vision + LoRA LLM", "frozen", "lora_llm"),
-             ("unfrozen vision + LoRA LLM", "unfrozen", "lora_llm"),
-             ("full fine-tune", "unfrozen", "full_llm"))
+REFERENCE_GRID = (("frozen vision + frozen LLM", "frozen", "frozen_llm"),
+                  ("frozen vision + LoRA LLM", "frozen", "lora_llm"),
+                  ("unfrozen vision + LoRA LLM", "unfrozen", "lora_llm"),
+                  ("full fine-tune", "unfrozen", "full_llm"))
 QUANT_BYTES = {"nf4": 0.5, "int8": 1.0}
 ACTIVATION_FACTOR = 34  # bytes per token, layer and hidden unit in 16-bit (no stored attention matrix)
 RUNTIME_GIB = 1.0
@@ -288,7 +288,7 @@ def grid_cells(cfg: RunConfig, compose) -> list[tuple[str, dict | str]]:
     """The reference freeze table's four cells on this model, train preset and quantization (none for full
     fine-tuning)."""
     out = []
-    for name, vision, freeze in SEED_GRID:
+    for name, vision, freeze in REFERENCE_GRID:
         quant = "none" if freeze == "full_llm" else cfg.quant.mode
         cell_cfg = compose([f"vision={vision}", f"freeze={freeze}", f"quant={quant}"])
         try:

@@ -8,6 +8,8 @@ quantization skip list, optimizer learning rates, what gets saved — is derived
 from __future__ import annotations
 
 import re
+import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -167,12 +169,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def _linear_types() -> tuple[type, ...]:
     types: list[type] = [nn.Linear]
-    try:
-        import bitsandbytes as bnb
-
+    # A model holds bitsandbytes layers only if bitsandbytes was imported to quantize it. Importing it for a
+    # run that quantizes nothing would load its kernels (and, on some CPUs, look one up on the Hub) for nothing.
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is not None:
         types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        pass
     return tuple(types)
 
 
@@ -208,6 +209,25 @@ def lora_target_pattern(model: nn.Module, component: str, targets) -> str:
     return rf"{re.escape(prefix)}{middle}(?:{'|'.join(map(re.escape, leaves))})"
 
 
+@contextmanager
+def _peft_without_bitsandbytes():
+    """PEFT offers its bitsandbytes LoRA layers by importing bitsandbytes whenever it is installed. Where
+    bitsandbytes is not imported yet, the model holds none of its layers (nothing was quantized), and that import
+    would only load kernels the run never calls (on CPUs with AVX-512 BF16 it also looks one up on the Hub and
+    warns about its publisher); so for this one call PEFT is told bitsandbytes is absent."""
+    from peft.tuners.lora import model as lora_model
+
+    checks = () if "bitsandbytes" in sys.modules else ("is_bnb_available", "is_bnb_4bit_available")
+    saved = {name: getattr(lora_model, name) for name in checks if hasattr(lora_model, name)}
+    for name in saved:
+        setattr(lora_model, name, lambda: False)
+    try:
+        yield
+    finally:
+        for name, check in saved.items():
+            setattr(lora_model, name, check)
+
+
 def _add_lora(model: nn.Module, plan: FreezePlan) -> nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -226,7 +246,8 @@ def _add_lora(model: nn.Module, plan: FreezePlan) -> nn.Module:
         alpha_pattern=alpha_pattern,
         bias="none",
     )
-    return get_peft_model(model, config)
+    with _peft_without_bitsandbytes():
+        return get_peft_model(model, config)
 
 
 def _wants_grad(name: str, plan: FreezePlan, n_used_vision: int, unused: set[str]) -> bool:

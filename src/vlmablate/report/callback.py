@@ -1,4 +1,5 @@
-"""A Hydra callback that writes the comparison report when a multirun ends (sweeps/*.yaml register it).
+"""A Hydra callback that writes the comparison report when a multirun ends (conf/config.yaml registers it, so
+every multirun of `python -m vlmablate` ends with one; a single run never calls it).
 
 The sweep's `report` block (budgets, max_retention_loss) sets what the report decides on; with
 `logger=wandb` the decision also goes to the sweep's W&B group.
@@ -28,9 +29,12 @@ def report_settings(config: DictConfig) -> dict:
 
 class ReportCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from vlmablate.report.compare import publish, write_report
+        from vlmablate.report.compare import find_runs, publish, write_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        if not find_runs(sweep_dir):  # a multirun of another command (plan, data check) trains nothing to compare
+            log.info("no training runs below %s: no comparison to write", sweep_dir)
+            return
         try:
             result = write_report(sweep_dir, settings=report_settings(config))
         except Exception:  # the runs are done and saved; a report can be made again by hand

@@ -13,7 +13,7 @@ import os
 import resource
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from vlmablate.data.collator import LlavaCollator
 from vlmablate.data.dataset import preflight
 from vlmablate.data.errors import DataError
 from vlmablate.data.sources import MixedDataset, build_dataset
+from vlmablate.data.verdict import BadPolicy, BadRecordTally, judge
 from vlmablate.eval.retention import (
     ReadingProbe,
     RetentionProbe,
@@ -60,6 +61,10 @@ from vlmablate.train.trainer import VlmTrainer
 from vlmablate.world.build import ensure_world
 
 log = logging.getLogger(__name__)
+# Trainer's switch for recomputing activations: transformers renamed `gradient_checkpointing` to
+# `activation_checkpointing` within 5.x (the old name warns); the releases before know only the old one.
+CHECKPOINTING_ARG = next(name for name in ("activation_checkpointing", "gradient_checkpointing")
+                         if name in {f.name for f in fields(TrainingArguments)})
 
 
 def compute_dtype(cfg: RunConfig) -> torch.dtype:
@@ -111,7 +116,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path) -> TrainingArguments:
         optim=t.optim,
         bf16=t.bf16,
         fp16=t.fp16,
-        gradient_checkpointing=t.gradient_checkpointing,
+        **{CHECKPOINTING_ARG: t.gradient_checkpointing},
         logging_steps=t.logging_steps,
         logging_first_step=False,  # first_loss is the mean of the first logging window, not one batch
         save_strategy="steps",
@@ -188,13 +193,22 @@ def image_aspect_of(cfg: RunConfig) -> str:
     return cfg.model.image_aspect or cfg.stage.image_aspect
 
 
-def _data_report(dataset: MixedDataset, cfg: RunConfig) -> dict:
-    report = preflight(dataset, max_records=cfg.data.preflight_records)
+def _data_report(dataset: MixedDataset, cfg: RunConfig) -> tuple[dict, BadRecordTally]:
+    """The data's report with the preflight's findings and their verdict (data/verdict.py, the rule that
+    `vlmablate.data.check` applies too), and the tally that training goes on counting bad records in."""
+    found: dict[str, str] = {}  # record reference -> reason, of what the preflight found bad
+    report = preflight(dataset, max_records=cfg.data.preflight_records, bad_records=found)
     if report["fully_masked"]:
         log.warning("%d of %d checked samples have every label masked (they teach nothing), e.g. %s",
                     report["fully_masked"], report["checked"], report["examples"][:3])
-    return {**dataset.report(), "records_in_mix": len(dataset), "image_aspect": image_aspect_of(cfg),
-            "sampler": cfg.stage.sampler, "on_bad_sample": cfg.data.on_bad_sample, "preflight": report}
+    data = dataset.report()
+    policy = BadPolicy.of(cfg.data)
+    verdict = judge(policy, records=data["records"], scanned=data["bad_by_reason"], encoded=report["bad"],
+                    examples=sorted(found)[:3])
+    tally = BadRecordTally(data["records"], data["bad_by_reason"], policy.max_bad_fraction, found=found)
+    return {**data, "records_in_mix": len(dataset), "image_aspect": image_aspect_of(cfg),
+            "sampler": cfg.stage.sampler, "on_bad_sample": cfg.data.on_bad_sample, "preflight": report,
+            "verdict": verdict.to_dict()}, tally
 
 
 @dataclass
@@ -273,10 +287,11 @@ def run(cfg: RunConfig, run_dir: Path, *, composed: dict | None = None, override
         record.loaded = loaded = load_cell(cfg, model_cfg, plan, projector_path, stage1)
         retention = start_retention(cfg, loaded) if main else None
         lm_eval_probe = start_lm_eval_retention(cfg, loaded) if main else None
-        dataset, record.data = build_data(cfg, loaded)
+        dataset, record.data, bad_tally = build_data(cfg, loaded)
+        stop_on_bad_data(record.data)
         require_trainable_samples(cfg, plan, dataset)
         wandb_run = start_tracking(cfg, composed, run_dir) if main else None
-        trainer = make_trainer(cfg, args, loaded, dataset, record.data, composed)
+        trainer = make_trainer(cfg, args, loaded, dataset, bad_tally, composed)
         record.determinism = determinism_record(cfg, args)
         trained = train_cell(cfg, trainer, args, loaded, resume)
         if (step := trained.stopped_at) is not None:
@@ -389,13 +404,14 @@ def load_cell(cfg: RunConfig, model_cfg: ModelConfig, plan: FreezePlan, projecto
                       flop_shapes=flop_shapes, no_flops=no_flops)
 
 
-def build_data(cfg: RunConfig, loaded: LoadedCell) -> tuple[MixedDataset, dict]:
-    """The training data and its report for the summary; with the LLM frozen, its image samples only."""
+def build_data(cfg: RunConfig, loaded: LoadedCell) -> tuple[MixedDataset, dict, BadRecordTally]:
+    """The training data, its report for the summary, and the tally of its bad records that training goes on
+    with; with the LLM frozen, its image samples only."""
     dataset = build_dataset(cfg.data, processor=loaded.processor, template=cfg.stage.template,
                             max_length=cfg.model.max_length, image_aspect=image_aspect_of(cfg),
                             cache_dir=cache_root(cfg.data.cache_dir), image_size=image_size_of(loaded.processor),
                             image_tokens=image_tokens_of(loaded.model), world=cfg.world, progress=cfg.train.progress)
-    report = _data_report(dataset, cfg)
+    report, tally = _data_report(dataset, cfg)
     if not loaded.plan.llm.trainable:
         # Nothing a text-only sample passes through trains (the vision tower and the projector only
         # see images): such a batch has no gradient at all, so those samples are left out.
@@ -403,7 +419,15 @@ def build_data(cfg: RunConfig, loaded: LoadedCell) -> tuple[MixedDataset, dict]:
         report["records_in_mix"] = len(dataset)
         if dropped:
             log.info("LLM frozen: %d text-only samples left out (no trainable parameter sees them)", dropped)
-    return dataset, report
+    return dataset, report, tally
+
+
+def stop_on_bad_data(report: dict) -> None:
+    """Stop before the first step when the scan and the preflight already found more bad records than the
+    policy allows (the verdict `vlmablate.data.check` gives on the same counts)."""
+    verdict = report["verdict"]
+    if verdict["stops"]:
+        raise DataError(f"data preflight: {verdict['why']}", "too_many_bad_records")
 
 
 def require_trainable_samples(cfg: RunConfig, plan: FreezePlan, dataset: MixedDataset) -> None:
@@ -421,7 +445,7 @@ def start_tracking(cfg: RunConfig, composed: dict | None, run_dir: Path):
 
 
 def make_trainer(cfg: RunConfig, args: TrainingArguments, loaded: LoadedCell, dataset: MixedDataset,
-                 data_report: dict, composed: dict | None) -> VlmTrainer:
+                 bad_tally: BadRecordTally, composed: dict | None) -> VlmTrainer:
     """The Trainer over the loaded cell and its data; its checkpoints carry the config and what trained."""
     if cfg.train.ddp_find_unused_parameters is None:
         args.ddp_find_unused_parameters = find_unused_parameters(loaded.plan, dataset.lengths)
@@ -437,7 +461,7 @@ def make_trainer(cfg: RunConfig, args: TrainingArguments, loaded: LoadedCell, da
         plan_record=plan_record,
         sampler=cfg.stage.sampler,
         lengths=dataset.lengths,
-        bad_budget=(data_report["records"], data_report["bad"], cfg.data.max_bad_fraction),
+        bad_tally=bad_tally,
         record_data_order=cfg.train.record_data_order,
         checkpoint_on_sigterm=cfg.train.checkpoint_on_sigterm,
     )
