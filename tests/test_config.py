@@ -94,6 +94,7 @@ def test_real_presets_point_at_the_published_checkpoints():
         (["model=llava15_7b", "projector=linear"], "needs a composed model"),
         (["train.bf16=true", "train.fp16=true"], "pick one"),
         (["quant.mode=fp8"], "quant.mode='fp8' is not one of"),
+        (["data=llava_json", "data.max_bad_in_a_row=-1"], "data.max_bad_in_a_row=-1 must be >= 0"),
     ],
 )
 def test_invalid_configs_say_what_to_change(overrides, message):

@@ -174,6 +174,11 @@ def test_scan_finds_every_reason_and_measures_exact_lengths(tmp_path, root, proc
 
 
 def test_scan_finds_answers_and_images_beyond_max_length(tmp_path, root, processor):
+    from vlmablate.data.templates import VICUNA_V1_CHAT_TEMPLATE
+
+    # LLaVA's templates move <image> to the front of its turn; a tokenizer's own template keeps it in place
+    processor = copy.deepcopy(processor)
+    processor.tokenizer.chat_template = VICUNA_V1_CHAT_TEMPLATE + "{#- the tokenizer's own -#}"
     question = "Tell me about the red circle. " * 3
     records = [good(0),
                {"id": "late", "image": "ok.png", "conversations": turns(question + "\n<image>")},  # image at the end
@@ -283,7 +288,7 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path, suffix):
 
 def test_each_bad_record_is_counted_once(tmp_path, root, processor):
     """90 good records and 10 consecutive truncated PNGs: 10 bad records, however often they are met."""
-    from vlmablate.data.errors import BadRecordTally
+    from vlmablate.data.verdict import BadRecordTally
 
     png = (root / "images" / "ok.png").read_bytes()
     for k in range(10):
@@ -313,7 +318,8 @@ def test_each_bad_record_is_counted_once(tmp_path, root, processor):
         strict.add(collate([mixed[90]])["bad_samples"])  # record 90: all ten are tried before record 0 encodes
     assert str(caught.value) == (
         f"10 of 100 records are bad (10.00%; found while encoding: {{'unreadable_image': 10}}, e.g. "
-        f"['{path}#90 (id=c0)', '{path}#91 (id=c1)', '{path}#92 (id=c2)']), more than data.max_bad_fraction=5.00%")
+        f"['{path}#90 (id=c0)', '{path}#91 (id=c1)', '{path}#92 (id=c2)']), more than data.max_bad_fraction=5.00%: "
+        "fix the data, or raise the limit knowingly")
 
 
 def test_skip_stops_when_bad_fraction_passes_the_limit(tmp_path, root, processor):
@@ -475,8 +481,11 @@ def test_check_command_on_a_broken_data_set(tmp_path, root):
     cfg, _ = compose_run("model=tiny_random", "data=llava_json", f"data.path={path}",
                          f"data.image_root={root / 'images'}", "train.progress=false")
     report, ok = check_data(cfg, tmp_path)
-    assert not ok and report["bad"] == len(BROKEN) and report["in_mix"] == 2
-    assert report["sources"]["llava_json"]["bad"] == {reason: 1 for reason in BROKEN}
+    # the run's own scan does not decode images: the corrupt one is in the mix, and found when decoded
+    assert not ok and report["bad"] == len(BROKEN) and report["in_mix"] == 3
+    source = report["sources"]["llava_json"]
+    assert {**source["bad"], **source["bad_when_encoded"]} == {reason: 1 for reason in BROKEN}
+    assert source["bad_when_encoded"] == {"unreadable_image": 1}
     text = format_report(report)
     assert "bad: image_outside_root" in text and "NOT OK: a run would stop" in text
     # a record whose answer lies beyond model.max_length (256) is named, not called usable

@@ -74,7 +74,7 @@ def test_load_accepts_a_utf8_byte_order_mark(tmp_path):
     ("content", "reason"),
     [
         ('{"id": "x"}', "expected a JSON list"),
-        ('[{"id": "a", "conversations": []}, 3]', r"d\.json#1: record is int"),
+        ('[{"id": "a", "conversations": []}, 3]', r"d\.json#1 \(id=\?\): record is int"),
         ('[{"id": "a", "conversations": []}, {"id": "b7"}]', r"d\.json#1 \(id=b7\): record has no 'conversations'"),
         ('[{"id": "a", "image": ["x.png", "y.png"], "conversations": []}]', r"#0 \(id=a\).*one image per sample"),
         ("[{", "not valid JSON"),

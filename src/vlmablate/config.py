@@ -187,11 +187,15 @@ class DataConfig:
     # The ad-hoc LLaVA JSON source: `data=llava_json data.path=FILE data.image_root=DIR`.
     path: Optional[str] = None
     image_root: Optional[str] = None
-    # Bad records: `error` stops at the first one (naming file, record, id and reason); `skip` leaves
-    # them out, counts them by reason in summary.json, and stops when their share passes max_bad_fraction.
+    # Bad records (docs/data.md#bad-samples; data/verdict.py): `error` stops at the first one (naming file,
+    # record, id and reason); `skip` leaves them out, counts them by reason in summary.json, and stops when
+    # their share passes max_bad_fraction, or when more than max_bad_in_a_row consecutive samples of a source
+    # fail to encode (each is replaced by the next that encodes; past that, the source looks broken).
+    # `python -m vlmablate.data.check` applies the same rule.
     on_bad_sample: str = "error"
     max_bad_fraction: float = 0.01
-    verify_images: bool = False  # also check every image file's integrity in the scan (vlmablate.data.check does)
+    max_bad_in_a_row: int = 16
+    verify_images: bool = False  # also decode every image in the scan, as encoding does (cached with the scan)
     # Records in one epoch of the mix as published, read by `python -m vlmablate.plan` for its time per epoch
     # (null: unknown, the plan gives the time per 1M tokens only). Training counts the data itself.
     size: Optional[int] = None
@@ -315,6 +319,8 @@ class EvalConfig:
     use_ocr: bool = True
     text_only_baseline: bool = False  # also score MMBench and VQA with a blank image
     batch_size: int = 16
+    # generation's length limit (likelihood mode generates nothing); eval=mmbench: LLaVA's 1024, so a
+    # sentence-long reply is scored and submitted whole; eval=tiny_world: 8, its replies are one word
     max_new_tokens: int = 8
     max_questions: Optional[int] = None
     n_boot: int = 1000
@@ -589,6 +595,8 @@ def _validate_data(data: DataConfig) -> None:
         raise ConfigError(f"data={data.name} lists no sources")
     if not 0 <= data.max_bad_fraction <= 1:
         raise ConfigError(f"data.max_bad_fraction={data.max_bad_fraction} must lie in [0, 1]")
+    if data.max_bad_in_a_row < 0:
+        raise ConfigError(f"data.max_bad_in_a_row={data.max_bad_in_a_row} must be >= 0")
     for k, source in enumerate(data.sources):
         where = f"data.sources.{k} ({source.name})"
         if source.kind not in SOURCE_KINDS:

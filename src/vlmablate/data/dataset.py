@@ -9,7 +9,6 @@ root, or bytes stored in an HF source), applies the aspect mode (`square`, LLaVA
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from vlmablate.data.errors import DataError
 from vlmablate.data.records import RecordStore
-from vlmablate.data.scan import check_structure, resolve_image
+from vlmablate.data.scan import check_structure, open_image, record_ref, resolve_image
 from vlmablate.data.templates import (
     TEMPLATES,
     TemplateError,
@@ -28,7 +27,6 @@ from vlmablate.data.templates import (
 )
 
 IMAGE_ASPECTS = ("square", "pad", "anyres")
-_UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 __all__ = [
     "IMAGE_ASPECTS",
@@ -60,7 +58,7 @@ def load_llava_json(path: str | os.PathLike) -> list[dict]:
         raise DataError(f"{path}: cannot read the data file: {err}") from err
     records = _parse_jsonl(path, text) if path.suffix == ".jsonl" else _parse_json(path, text)
     for i, record in enumerate(records):
-        check_structure(record, f"{path}#{i}")
+        check_structure(record, record_ref(path, i, record))
     return records
 
 
@@ -126,7 +124,7 @@ class LlavaJsonDataset(Dataset):
             raise DataError(f"{self.source_path}: max_length must be a positive int, got {max_length!r}")
         if isinstance(records, list):
             for i, record in enumerate(records):
-                check_structure(record, f"{self.source_path}#{i}")
+                check_structure(record, record_ref(self.source_path, i, record))
             records = RecordStore.from_records(records, source=str(self.source_path))
         self.records = records
         self.image_root = Path(image_root).resolve() if image_root is not None else None
@@ -140,9 +138,7 @@ class LlavaJsonDataset(Dataset):
 
     def record_ref(self, i: int, record: dict | None = None) -> str:
         """`file#index (id=...)`, the prefix of every message about record i."""
-        record = self.records[i] if record is None else record
-        ident = record.get("id", "?") if isinstance(record, dict) else "?"
-        return f"{self.source_path}#{i} (id={ident})"
+        return record_ref(self.source_path, i, self.records[i] if record is None else record)
 
     def image_path(self, i: int) -> Path | None:
         """The resolved path of record i's image (None if text-only), checked to lie inside image_root.
@@ -159,16 +155,7 @@ class LlavaJsonDataset(Dataset):
         record = self.records[i] if record is None else record
         if record.get("image") is None:
             return None
-        ref = self.record_ref(i, record)
-        if record.get("image_data") is not None:
-            source, where = io.BytesIO(record["image_data"]), record["image"]
-        else:
-            source = where = resolve_image(record["image"], self.image_root, ref)
-        try:
-            with Image.open(source) as opened:
-                image = opened.convert("RGB")  # convert() loads the pixels, so corrupt data fails here
-        except _UNREADABLE_IMAGE as err:
-            raise DataError(f"{ref}: cannot read image {where}: {err}", "unreadable_image") from err
+        image = open_image(record, self.image_root, self.record_ref(i, record))
         return apply_aspect(image, self.image_aspect, self.processor)
 
     def __getitem__(self, i: int) -> dict:
@@ -224,18 +211,19 @@ def apply_aspect(image: Image.Image, mode: str, processor) -> Image.Image:
     return image
 
 
-def preflight(dataset: Dataset, max_records: int = 256) -> dict:
+def preflight(dataset: Dataset, max_records: int = 256, bad_records: dict[str, str] | None = None) -> dict:
     """Encode the first samples and count the records with every label masked; raise if that is most of them.
 
     Catches a template that does not match the tokenizer (loss 0, nothing learned, LLaVA #1166)
     before training starts. A ConcatDataset or a mix is checked source by source, so one bad source
     among good ones is not averaged away. Results are per record actually encoded: a mix under
     `data.on_bad_sample=skip` may serve a substitute for a bad record, which is then reported under its
-    own reference, and the bad record under `bad` (by reason, each record once).
+    own reference, and the bad record under `bad` (by reason, each record once). `bad_records`, when
+    given, receives every bad record met (reference -> reason), in the order met.
     """
     if isinstance(dataset, ConcatDataset) or hasattr(dataset, "source_views"):
         sources = dataset.source_views if hasattr(dataset, "source_views") else dataset.datasets
-        parts = [preflight(part, max_records) for part in sources]
+        parts = [preflight(part, max_records, bad_records) for part in sources]
         bad: dict[str, int] = {}
         for part in parts:
             for reason, n in part["bad"].items():
@@ -247,11 +235,13 @@ def preflight(dataset: Dataset, max_records: int = 256) -> dict:
             "bad": dict(sorted(bad.items())),
         }
     encoded: dict[str, bool] = {}  # record reference -> fully masked, in the order first met
-    bad_records: dict[str, str] = {}
+    met: dict[str, str] = {}
     for i in range(min(len(dataset), max_records)):
         sample = dataset[i]
         for ref, reason in sample.get("bad_samples", ()):
-            bad_records.setdefault(ref, reason)
+            met.setdefault(ref, reason)
+            if bad_records is not None:
+                bad_records.setdefault(ref, reason)
         encoded.setdefault(sample.get("record_ref") or _ref_of(dataset, i), fully_masked(sample["labels"]))
     masked = [ref for ref, is_masked in encoded.items() if is_masked]
     if 2 * len(masked) > len(encoded):
@@ -262,7 +252,7 @@ def preflight(dataset: Dataset, max_records: int = 256) -> dict:
             f"Examples: {masked[:5]}"
         )
     bad: dict[str, int] = {}
-    for reason in bad_records.values():
+    for reason in met.values():
         bad[reason] = bad.get(reason, 0) + 1
     return {"checked": len(encoded), "fully_masked": len(masked), "examples": masked[:5],
             "bad": dict(sorted(bad.items()))}

@@ -2,14 +2,15 @@
 
 `data.on_bad_sample=error` stops at the first bad record with a message that names the source file,
 the record's index and id, and the reason; `skip` counts records by these codes and writes the
-counts to `summary.json`.
+counts to `summary.json` (`verdict.py` says when they stop a run).
 """
 
 from __future__ import annotations
 
 REASONS = {
     "invalid_json": "a line of a JSON Lines file that is not valid JSON (the message names the line)",
-    "malformed_record": "not an object, no 'conversations' list, or an 'image' that is not one path",
+    "malformed_record": "not an object, no 'conversations' list, an 'image' that is not one path, or a turn "
+                        "whose value is not a string",
     "empty_turns": "no turns, or a turn with an empty value",
     "unknown_role": "a turn whose role is not human/user, gpt/assistant or system",
     "non_alternating": "human and gpt turns do not alternate, or there is no gpt turn",
@@ -23,6 +24,7 @@ REASONS = {
     "too_long": "longer than max_length with the image tokens in the part that would be cut",
     "answer_truncated": "max_length cuts off every token that carries a loss (nothing left to learn)",
     "invalid_conversation": "the template or processor cannot encode the conversation",
+    "non_finite_number": "NaN or Infinity in a field (Python's json writes them; JSON has no such number)",
 }
 
 
@@ -32,38 +34,3 @@ class DataError(ValueError):
     def __init__(self, message: str, reason: str = "malformed_record"):
         super().__init__(message)
         self.reason = reason
-
-
-class BadRecordTally:
-    """Records found bad while encoding (`data.on_bad_sample=skip`), each counted once per run.
-
-    A bad record is met again and again: as its own sample in every epoch, and as a candidate when a
-    neighbour's substitute is looked for. Samples carry `(record_ref, reason)` pairs for what they skipped;
-    the tally keeps one reason per record reference, so the counts by reason add up to the number of
-    distinct bad records, whatever the epochs, substitutions or ranks. `records` and `scanned_bad` (what the
-    scan already found) set the share held to `limit` (data.max_bad_fraction).
-    """
-
-    def __init__(self, records: int = 0, scanned_bad: int = 0, limit: float | None = None):
-        self.records, self.scanned_bad, self.limit = records, scanned_bad, limit
-        self.reasons: dict[str, str] = {}  # record reference -> reason
-
-    def add(self, entries) -> None:
-        """Count the `(record_ref, reason)` pairs of one batch; raise once the bad share passes the limit."""
-        for ref, reason in entries:
-            self.reasons.setdefault(ref, reason)
-        bad = self.scanned_bad + len(self.reasons)
-        if self.limit is not None and self.records and bad / self.records > self.limit:
-            raise DataError(f"{bad} of {self.records} records are bad ({bad / self.records:.2%}; found while "
-                            f"encoding: {self.counts()}, e.g. {self.examples(3)}), more than "
-                            f"data.max_bad_fraction={self.limit:.2%}")
-
-    def counts(self) -> dict[str, int]:
-        """Distinct bad records by reason, sorted by reason."""
-        counts: dict[str, int] = {}
-        for reason in self.reasons.values():
-            counts[reason] = counts.get(reason, 0) + 1
-        return dict(sorted(counts.items()))
-
-    def examples(self, n: int = 10) -> list[str]:
-        return sorted(self.reasons)[:n]

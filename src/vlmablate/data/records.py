@@ -1,8 +1,8 @@
 """Records of a data source, kept on disk as Arrow and read one at a time.
 
 A LLaVA JSON file of 665k records is ~1 GB of text; parsed whole into Python it takes several GB in
-every DataLoader worker. Instead each source is converted once, streaming (ijson for a JSON list,
-line by line for JSON Lines), into an Arrow file of one JSON string per record, and opened
+every DataLoader worker. Instead each source is converted once, streaming (item by item for a JSON list,
+line by line for JSON Lines, both through Python's `json`), into an Arrow file of one JSON string per record, and opened
 memory-mapped through HF `datasets`: resident memory stays flat in the number of records, and
 workers share the pages. The conversion is cached by the source file's identity (resolved path,
 size, modification time) and written under a lock to a temporary name first, so two processes
@@ -19,6 +19,7 @@ import codecs
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,14 +135,14 @@ def _convert(path: Path, arrow: Path) -> None:
 
 
 def _record_texts(path: Path) -> Iterator[str]:
-    """Each record as JSON text, streamed: JSON Lines by line, a JSON list through ijson.
+    """Each record as JSON text, streamed: JSON Lines by line, a JSON list item by item.
 
-    A UTF-8 byte order mark is skipped. A JSON Lines line that does not parse becomes a row
-    `{INVALID_LINE: {"line": n, "error": ...}}`, so that the scan applies `data.on_bad_sample` to it as to
-    any bad record (reason `invalid_json`) instead of the whole file being rejected.
+    Both are read by Python's own `json`, so what `json.load` reads is read: `NaN` and `Infinity` too (what
+    `json.dump` writes for such floats), which the scan then judges as a bad record of its own
+    (`non_finite_number`) instead of the whole file being rejected. A UTF-8 byte order mark is skipped. A
+    JSON Lines line that does not parse becomes a row `{INVALID_LINE: {"line": n, "error": ...}}`, so that the
+    scan applies `data.on_bad_sample` to it as to any bad record (reason `invalid_json`).
     """
-    import ijson
-
     with path.open("rb") as f:
         bom = len(codecs.BOM_UTF8) if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
         f.seek(bom)
@@ -160,13 +161,70 @@ def _record_texts(path: Path) -> Iterator[str]:
             raise DataError(f"{path}: expected a JSON list of records (or a .jsonl file), "
                             f"but the file starts with {first.decode(errors='replace')!r}")
         f.seek(bom)
-        n = 0
+        for record in _json_list_items(f, path):
+            yield json.dumps(record)
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+_CHUNK = 1 << 20  # characters read at a time; a record longer than that is read in several
+
+
+def _json_list_items(f, path: Path) -> Iterator:
+    """The items of the JSON list in binary file `f`, one at a time, as `json.loads` would read them."""
+    decoder, text = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
+    buf, pos, eof, n = "", 0, False, 0
+
+    def more() -> bool:  # append the next chunk to what is left of the buffer; False at the end of the file
+        nonlocal buf, pos, eof
+        if eof:
+            return False
         try:
-            for record in ijson.items(f, "item", use_float=True):
-                yield json.dumps(record)
-                n += 1
-        except ijson.JSONError as err:
-            raise DataError(f"{path}: not valid JSON after record {n}: {err}") from err
+            chunk = f.read(_CHUNK)
+            eof = not chunk
+            buf = buf[pos:] + text.decode(chunk, final=eof)
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 after record {n} ({err.reason})") from err
+        pos = 0
+        return True
+
+    def next_char() -> str:  # the next character that is not whitespace ("" at the end of the file)
+        nonlocal pos
+        while True:
+            pos = _SPACE.match(buf, pos).end()
+            if pos < len(buf) or not more():
+                return buf[pos:pos + 1]
+
+    def fail(message: str):
+        raise DataError(f"{path}: not valid JSON after record {n}: {message}")
+
+    if next_char() != "[":
+        fail("expected '['")
+    pos += 1
+    if next_char() == "]":
+        pos += 1
+    else:
+        while True:
+            next_char()
+            while True:  # a record cut by the end of the buffer parses once the rest is read
+                try:
+                    item, end = decoder.raw_decode(buf, pos)
+                    if end < len(buf) or eof:
+                        break
+                except json.JSONDecodeError as err:
+                    if eof:
+                        fail(f"{err.msg} (line {err.lineno} of the record)")
+                more()
+            pos = end
+            n += 1
+            yield item
+            sep = next_char()
+            pos += 1
+            if sep == "]":
+                break
+            if sep != ",":
+                fail(f"expected ',' or ']', found {sep or 'the end of the file'!r}")
+    if next_char():
+        fail("extra data after the list")
 
 
 def open_hf(*, builder: str, data_files, split: str, columns: dict, cache_dir: str | os.PathLike,

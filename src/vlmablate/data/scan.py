@@ -3,8 +3,9 @@
 The pass runs every check that needs no image decoding and no processor: record shape (and JSON Lines
 lines that do not parse), roles and their alternation, `<image>` markers against the record's image,
 where the image path resolves (a path outside the image root is rejected and never opened) and whether
-the file exists. Optionally (`data.verify_images`, always on in `vlmablate.data.check`) each image
-file's integrity is checked with PIL's `verify()` too.
+the file exists. Optionally (`data.verify_images`) each image is decoded too, exactly as encoding decodes
+it (`open_image`): PIL's `verify()` passes a truncated JPEG, which only decoding finds. A field holding
+NaN or Infinity (which Python's `json` reads and writes) makes its record bad (`non_finite_number`).
 
 Each usable record is then rendered and tokenized exactly as encoding does (`templates.render_conversation`
 and `tokenize_rendered`), with the image counted as the model's `image_tokens`, which gives its length
@@ -17,13 +18,17 @@ policy), as it does for what needs decoding (corrupt pixel data).
 Lengths follow LLaVA's `modality_lengths`: positive for image records, negative for text-only. The result
 is cached next to the source's Arrow records, keyed by the source's identity, the tokenizer, the
 template, max_length, the image token and count, and the image root, so a 665k-record source is scanned
-once.
+once. The image files are not in the key, so a cached verdict on them is never trusted: each load checks the
+records flagged for their image file (`FILE_REASONS`) again, so an image added or repaired since counts at
+once (an image broken since is found when encoded, under the same policy).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -45,8 +50,10 @@ from vlmablate.data.templates import (
     tokenize_rendered,
 )
 
-SCAN_VERSION = 2  # 2: exact lengths, answer_truncated, invalid_json
+SCAN_VERSION = 3  # 2: exact lengths, answer_truncated, invalid_json; 3: non_finite_number, decoding verify
 CODES = ("ok", *REASONS)  # a record's reason, stored as its index here (0 = usable)
+FILE_REASONS = ("missing_image", "unreadable_image", "image_outside_root")  # verdicts on files, checked on each load
+_UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,12 @@ class ScanResult:
         return int(bad[0]) if len(bad) else None
 
 
+def record_ref(source, i: int, record) -> str:
+    """`file#index (id=...)`, the prefix of every message about a record."""
+    ident = record.get("id", "?") if isinstance(record, dict) else "?"
+    return f"{source}#{i} (id={ident})"
+
+
 def resolve_image(relative, image_root: Path | None, ref: str) -> Path:
     """The image's resolved path, checked to lie inside the image root before anything opens it."""
     if image_root is None:
@@ -81,36 +94,68 @@ def resolve_image(relative, image_root: Path | None, ref: str) -> Path:
     return resolved
 
 
+def open_image(record: dict, image_root: Path | None, ref: str) -> Image.Image:
+    """The record's image decoded as RGB, as encoding reads it (bytes stored in an HF source, or the file)."""
+    if record.get("image_data") is not None:
+        source, where = io.BytesIO(record["image_data"]), record["image"]
+    else:
+        source = where = resolve_image(record["image"], image_root, ref)
+    try:
+        with Image.open(source) as opened:
+            return opened.convert("RGB")  # convert() loads the pixels, so corrupt data fails here
+    except _UNREADABLE_IMAGE as err:
+        raise DataError(f"{ref}: cannot read image {where}: {err}", "unreadable_image") from err
+
+
 def check_structure(record, ref: str) -> None:
-    """An object with a `conversations` list and at most one image path."""
+    """An object with no NaN or Infinity in it, a `conversations` list and at most one image path.
+
+    `ref` names the record (`record_ref`: file, index and id)."""
     if isinstance(record, dict) and INVALID_LINE in record:
         where = record[INVALID_LINE]
         raise DataError(f"{ref}: line {where['line']} is not valid JSON: {where['error']}", "invalid_json")
     if not isinstance(record, dict):
         raise DataError(f"{ref}: record is {type(record).__name__}, expected an object")
+    field = non_finite_field(record)
+    if field is not None:
+        name, value = field
+        raise DataError(f"{ref}: field {name} is {json.dumps(value)}, which is not a JSON number (Python's json "
+                        "writes it for a float that is not finite); fix or drop that value", "non_finite_number")
     if not isinstance(record.get("conversations"), list):
-        raise DataError(f"{ref} (id={record.get('id', '?')}): record has no 'conversations' list")
+        raise DataError(f"{ref}: record has no 'conversations' list")
     image = record.get("image")
     if image is not None and (not isinstance(image, str) or not image):
-        raise DataError(f"{ref} (id={record.get('id', '?')}): 'image' must be one relative path "
-                        f"(one image per sample), got {image!r}")
+        raise DataError(f"{ref}: 'image' must be one relative path (one image per sample), got {image!r}")
+
+
+def non_finite_field(value, name: str = "") -> tuple[str, float] | None:
+    """The first field holding NaN or Infinity, as (`conversations[1].value`-style name, value); None if none."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return name or "(the record)", value
+    if isinstance(value, dict):
+        items = ((f"{name}.{k}" if name else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{name}[{k}]", v) for k, v in enumerate(value))
+    else:
+        return None
+    for sub_name, sub in items:
+        found = non_finite_field(sub, sub_name)
+        if found is not None:
+            return found
+    return None
 
 
 def check_record(record, image_root: Path | None, ref: str, *, verify_image: bool = False) -> list[dict]:
-    """The record's chat messages if it passes every check that needs no decoding; raises DataError or
-    TemplateError (each with a `reason`) otherwise."""
+    """The record's chat messages if it passes every check that needs no processor (with `verify_image`, its
+    image decoded as encoding decodes it); raises DataError or TemplateError (each with a `reason`) otherwise."""
     check_structure(record, ref)
     image = record.get("image")
     messages = to_messages(record["conversations"], ref)
     check_image_marker(messages, image, ref)
     if image is not None and record.get("image_data") is None:
-        path = resolve_image(image, image_root, ref)
-        if verify_image:
-            try:
-                with Image.open(path) as opened:
-                    opened.verify()
-            except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-                raise DataError(f"{ref}: cannot read image {path}: {err}", "unreadable_image") from err
+        resolve_image(image, image_root, ref)
+    if image is not None and verify_image:
+        open_image(record, image_root, ref)
     return messages
 
 
@@ -125,16 +170,40 @@ def scan_source(store: RecordStore, *, image_root: str | os.PathLike | None, tok
     folder = Path(cache_dir) / "scan"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.npz"
+    measure = _Measure(tokenizer, template, max_length, image_token, image_tokens)
     with FileLock(str(path) + ".lock"):
         if path.exists():
             cached = np.load(path)
-            return ScanResult(cached["lengths"], cached["reasons"])
-        measure = _Measure(tokenizer, template, max_length, image_token, image_tokens)
-        result = _scan(store, root, measure, verify_images, progress)
+            result = ScanResult(cached["lengths"], cached["reasons"])
+            if not _recheck_files(store, root, measure, verify_images, result):
+                return result
+        else:
+            result = _scan(store, root, measure, verify_images, progress)
         tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
         np.savez(tmp, lengths=result.lengths, reasons=result.reasons)
         os.replace(tmp, path)
     return result
+
+
+def _judge(record, i: int, store, root, measure, verify_images) -> tuple[int, int]:
+    """(length, reason code) of record i."""
+    ref = record_ref(store.source, i, record)
+    try:
+        messages = check_record(record, root, ref, verify_image=verify_images)
+        return measure(messages, record.get("image") is not None, ref), 0
+    except (DataError, TemplateError) as err:
+        return 0, CODES.index(err.reason)
+
+
+def _recheck_files(store, root, measure, verify_images, result: ScanResult) -> bool:
+    """Judge again, in place, the records a cached scan flagged for their image file; True if any changed."""
+    codes = [CODES.index(reason) for reason in FILE_REASONS]
+    changed = False
+    for i in np.flatnonzero(np.isin(result.reasons, codes)):
+        length, reason = _judge(store[int(i)], int(i), store, root, measure, verify_images)
+        if (length, reason) != (result.lengths[i], result.reasons[i]):
+            result.lengths[i], result.reasons[i], changed = length, reason, True
+    return changed
 
 
 def _scan(store, root, measure, verify_images, progress) -> ScanResult:
@@ -143,12 +212,7 @@ def _scan(store, root, measure, verify_images, progress) -> ScanResult:
     reasons = np.zeros(n, dtype=np.int8)
     bar = tqdm(total=n, desc=f"scanning {Path(store.source).name}", disable=not progress, unit="rec")
     for i, record in enumerate(store.iter_records()):
-        ref = f"{store.source}#{i}"
-        try:
-            messages = check_record(record, root, ref, verify_image=verify_images)
-            lengths[i] = measure(messages, record.get("image") is not None, ref)
-        except (DataError, TemplateError) as err:
-            reasons[i] = CODES.index(err.reason)
+        lengths[i], reasons[i] = _judge(record, i, store, root, measure, verify_images)
         bar.update()
     bar.close()
     return ScanResult(lengths, reasons)

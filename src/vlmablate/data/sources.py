@@ -4,7 +4,8 @@ Each source becomes a `LlavaJsonDataset` over a memory-mapped `RecordStore`, is 
 records and length estimates, cached), and contributes the records its `count`, `#N` suffix or
 `weight` asks for, drawn deterministically from `data.seed`. `MixedDataset` concatenates the shares,
 carries their modality lengths for the sampler, and applies `data.on_bad_sample` to what only
-encoding can find (a corrupt image, the exact length after image-token expansion).
+encoding can find (a corrupt image, the exact length after image-token expansion); `verdict.judge`
+says whether the bad records stop the run.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from vlmablate.data.records import RecordStore, open_hf, open_llava_json
 from vlmablate.data.scan import CODES, ScanResult, scan_source
 from vlmablate.data.synthetic import write_synthetic_llava
 from vlmablate.data.templates import image_token_of
+from vlmablate.data.verdict import BadPolicy, breaks_substitution, judge
 from vlmablate.world.build import ensure_world_data
 
 log = logging.getLogger(__name__)
-
-MAX_SUBSTITUTES = 16  # with on_bad_sample=skip, how far a sample that fails to encode looks for a good one
 
 
 def resolve_source(source: SourceConfig, data: DataConfig, *, cache_dir: Path, image_size: int,
@@ -80,9 +80,9 @@ class MixedDataset(Dataset):
     """The mix: sample k is record `indices[p][k - offset[p]]` of part p."""
 
     def __init__(self, parts: list[LlavaJsonDataset], indices: list[np.ndarray], scans: list[ScanResult], *,
-                 names: list[str], on_bad_sample: str = "error"):
+                 names: list[str], policy: BadPolicy | None = None):
         self.parts, self.scans, self.names = parts, scans, names
-        self.on_bad_sample = on_bad_sample
+        self.policy = policy or BadPolicy()
         self._set_indices(indices)
 
     def _set_indices(self, indices: list[np.ndarray]) -> None:
@@ -112,34 +112,34 @@ class MixedDataset(Dataset):
         return p, int(self.indices[p][k - self.offsets[p]])
 
     def __getitem__(self, k: int) -> dict:
-        """Sample `k` of the mix, with `sample_index` = k (what `train.record_data_order` records)."""
-        return {**self._encode(k), "sample_index": k}
-
-    def _encode(self, k: int) -> dict:
+        """Sample `k` of the mix. Its `sample_index` (what `train.record_data_order` records) is the position of
+        the record actually encoded: k itself, or under `skip` the substitute's position."""
         p, record = self.locate(k)
         part = self.parts[p]
         try:
-            return part[record]
+            return {**part[record], "sample_index": k}
         except DataError as err:
-            if self.on_bad_sample == "error":
+            if self.policy.on_bad_sample == "error":
                 raise
             failed = [(part.record_ref(record), err.reason)]
         # skip: serve the next sample of the same part that encodes, and say which records were skipped
         # (by reference, so that a record met again, here or in another epoch, is counted once)
         picks = self.indices[p]
         start = k - self.offsets[p]
-        for step in range(1, min(MAX_SUBSTITUTES, len(picks))):
-            candidate = int(picks[(start + step) % len(picks)])
+        for step in range(1, min(self.policy.max_bad_in_a_row + 1, len(picks))):
+            position = (start + step) % len(picks)
+            candidate = int(picks[position])
             try:
                 sample = part[candidate]
             except DataError as err:
                 failed.append((part.record_ref(candidate), err.reason))
                 continue
-            sample["bad_samples"] = failed
-            return sample
+            return {**sample, "bad_samples": failed, "sample_index": self.offsets[p] + position}
+        assert breaks_substitution(len(failed), len(picks), self.policy.max_bad_in_a_row)
         reasons = sorted({reason for _, reason in failed})
-        raise DataError(f"{part.source_path}: {len(failed)} samples in a row failed to encode "
-                        f"({', '.join(reasons)}) starting at record {record}; the source looks broken")
+        raise DataError(f"{part.source_path}: {len(failed)} samples in a row failed to encode ({', '.join(reasons)}) "
+                        f"starting at record {record}, more than data.max_bad_in_a_row="
+                        f"{self.policy.max_bad_in_a_row} (or every sample of the source): the source looks broken")
 
     def report(self) -> dict:
         """Per source: records, bad records by reason, records taken into the mix."""
@@ -148,9 +148,14 @@ class MixedDataset(Dataset):
             sources[name] = {"file": str(part.source_path), "records": len(part), "bad": scan.bad_counts(),
                              "usable": int((scan.reasons == 0).sum()), "in_mix": len(ix)}
         records = sum(len(p) for p in self.parts)
-        bad = sum(sum(s["bad"].values()) for s in sources.values())
+        by_reason: dict[str, int] = {}
+        for s in sources.values():
+            for reason, n in s["bad"].items():
+                by_reason[reason] = by_reason.get(reason, 0) + n
+        bad = sum(by_reason.values())
         return {"sources": sources, "records": records, "in_mix": len(self), "bad": bad,
-                "bad_fraction": round(bad / records, 6) if records else 0.0}
+                "bad_fraction": round(bad / records, 6) if records else 0.0,
+                "bad_by_reason": dict(sorted(by_reason.items()))}
 
 
 class SourceView(Dataset):
@@ -190,8 +195,10 @@ def build_dataset(data: DataConfig, *, processor, template: str, max_length: int
         indices.append(share(scan.good, source, data.seed, position))
         log.info("data source %s: %d records from %s, %d bad %s, %d in the mix", source.name, len(store),
                  store.source, len(store) - len(scan.good), scan.bad_counts(), len(indices[-1]))
-    mixed = MixedDataset(parts, indices, scans, names=names, on_bad_sample=data.on_bad_sample)
-    check_bad_fraction(mixed.report()["bad"], mixed.report()["records"], data.max_bad_fraction)
+    policy = BadPolicy.of(data)
+    mixed = MixedDataset(parts, indices, scans, names=names, policy=policy)
+    report = mixed.report()
+    judge(policy, records=report["records"], scanned=report["bad_by_reason"]).raise_if_stops()
     if len(mixed) == 0:
         raise DataError(f"data={data.name}: no usable records in any source")
     return mixed
@@ -218,9 +225,3 @@ def _reproduce(part: LlavaJsonDataset, i: int) -> str:
     except (DataError, TemplateError) as err:
         return str(err).removeprefix(part.record_ref(i) + ": ")
     return ""
-
-
-def check_bad_fraction(bad: int, total: int, limit: float) -> None:
-    if total and bad / total > limit:
-        raise DataError(f"{bad} of {total} records are bad ({bad / total:.2%}), more than "
-                        f"data.max_bad_fraction={limit:.2%}: fix the data, or raise the limit knowingly")

@@ -3,6 +3,10 @@
 `encode_conversation` turns one LLaVA conversation into `input_ids` / `labels` for the model. The
 rules, each one tested:
 
+- Where `<image>` goes. With LLaVA's own templates (`plain`, `plain_eos`, and `chat` on the built-in
+  Vicuna v1), a human turn holding `<image>` is rewritten as LLaVA's `preprocess_multimodal` does: the
+  marker is taken out, the rest stripped, and `<image>\n` put in front ("What is this?\n<image>" trains
+  as "<image>\nWhat is this?"). A tokenizer's own chat template gets the marker where the record has it.
 - Rendering. `plain` is LLaVA's stage 1: `<image>` + caption + "\n" (the separator), loss on the caption
   and the "\n", no EOS; `plain_eos` ends the caption with EOS instead. `chat` is the tokenizer's own chat
   template (Vicuna v1 when it has none), rendered through `apply_chat_template`.
@@ -28,6 +32,7 @@ Anything that does not line up raises `TemplateError` naming the record and a re
 
 from __future__ import annotations
 
+import json
 import re
 import weakref
 from functools import lru_cache
@@ -156,7 +161,10 @@ def to_messages(conversations, ref: str) -> list[dict]:
                 "unknown_role"
             )
         value = turn.get("value", turn.get("content"))
-        if not isinstance(value, str) or not value.strip():
+        if value is not None and not isinstance(value, str):
+            raise TemplateError(f"{ref}: turn {k} ({raw_role}) has a value of type {type(value).__name__} "
+                                f"({json.dumps(value)[:40]}), expected a string", "malformed_record")
+        if value is None or not value.strip():
             raise TemplateError(f"{ref}: turn {k} ({raw_role}) has an empty value", "empty_turns")
         messages.append({"role": role, "content": value})
     _check_roles(messages, ref)
@@ -206,12 +214,26 @@ def render_conversation(messages: list[dict], *, template: str, tokenizer, image
     reply's span is computed (what the scan needs for `answer_truncated`), with fewer renders.
     """
     chat_template, name = chat_template_of(tokenizer)
+    if template != "chat" or chat_template == VICUNA_V1_CHAT_TEMPLATE:
+        messages = llava_image_first(messages)
     messages = _mark_content(messages, tokenizer, chat_template, image_token)
     if template == "chat":
         text, spans = _render_chat(messages, tokenizer, chat_template, name, ref, first_reply_only)
     else:
         text, spans = _render_plain(messages, tokenizer, has_image, image_token, template, ref)
     return _with_bos(text, spans, tokenizer)
+
+
+def llava_image_first(messages: list[dict]) -> list[dict]:
+    """LLaVA's `preprocess_multimodal` on each turn holding `<image>`: marker out, the rest stripped, then
+    `<image>\n` + the rest, stripped again (so a turn of the marker alone is just `<image>`)."""
+    out = []
+    for m in messages:
+        if IMAGE_MARKER in m["content"]:
+            rest = m["content"].replace(IMAGE_MARKER, "").strip()
+            m = {**m, "content": (IMAGE_MARKER + "\n" + rest).strip()}
+        out.append(m)
+    return out
 
 
 def _mark_content(messages: list[dict], tokenizer, chat_template: str, image_token: str) -> list[dict]:

@@ -19,9 +19,10 @@ from transformers import Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from vlmablate.data.errors import BadRecordTally, DataError
+from vlmablate.data.errors import DataError
 from vlmablate.data.sampler import RankBatchSampler
 from vlmablate.data.templates import IGNORE_INDEX
+from vlmablate.data.verdict import BadRecordTally
 from vlmablate.model.plan import FreezePlan, unwrap
 from vlmablate.train import checkpoints
 from vlmablate.train import distributed as dist
@@ -145,7 +146,7 @@ def _frozen_quantized_llm_allowed(model, plan: FreezePlan):
 
 class VlmTrainer(Trainer):
     def __init__(self, *args, plan: FreezePlan, plan_record: dict, sampler: str = "random",
-                 lengths: list[int] | None = None, bad_budget: tuple[int, int, float] | None = None,
+                 lengths: list[int] | None = None, bad_tally: BadRecordTally | None = None,
                  record_data_order: bool = False, checkpoint_on_sigterm: bool = True, **kwargs):
         with _frozen_quantized_llm_allowed(kwargs.get("model"), plan):
             super().__init__(*args, **kwargs)
@@ -155,7 +156,8 @@ class VlmTrainer(Trainer):
         self.sigterm = StopOnSigterm() if checkpoint_on_sigterm else None
         if self.sigterm is not None:
             self.add_callback(self.sigterm)
-        # optimizer step -> dataset indices this rank trained on in it (train.record_data_order)
+        # optimizer step -> mix positions this rank trained on in it (train.record_data_order): a skipped
+        # record's substitute under its own position, so the file holds what was trained
         self.data_order: dict[int, list[int]] | None = {} if record_data_order else None
         self.loss_state: dict | None = None
         self.saved_artifacts: dict[str, str] = {}  # what the last save wrote (rank 0)
@@ -164,9 +166,9 @@ class VlmTrainer(Trainer):
         self.add_callback(_ResumedLoss(self))
         self.sampler_kind = sampler
         self.lengths = lengths  # LLaVA's modality lengths: > 0 with an image, < 0 text-only
-        # (records, bad records found by the scan, data.max_bad_fraction): encoding failures add to it,
-        # each bad record once however often it is met
-        self.bad_at_encode = BadRecordTally(*bad_budget) if bad_budget is not None else BadRecordTally()
+        # what the scan and the preflight found, judged with each encoding failure of training under the data's
+        # policy (data/verdict.py), each bad record once however often it is met
+        self.bad_at_encode = bad_tally if bad_tally is not None else BadRecordTally()
         self.timer = TrainTimer()
         self.add_callback(self.timer)
         self.plan = plan
