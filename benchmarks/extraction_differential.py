@@ -6,7 +6,8 @@ the first: it scans characters instead of translating and splitting, finds "answ
 written matcher instead of a regular expression, and measures lengths character by character. Both
 are run on generated replies built to sit on every boundary of the rule (letters in and out of the
 last four tokens, separators, Unicode whitespace, the four non-ASCII letters that `re.IGNORECASE`
-folds onto ASCII, the API-failure marker, refusals, replies at exactly twice the options' length),
+folds onto ASCII, the API-failure marker, refusals, replies at exactly twice the options' length,
+replies that pandas reads back as a missing value),
 for every `eval.extraction` revision. Any disagreement is printed.
 
     python benchmarks/extraction_differential.py --replies 100000 --seed 0
@@ -95,9 +96,23 @@ def answer_is_letter(reply: str) -> str | None:
     return None
 
 
+def pandas_missing() -> set[str]:
+    """The cells pandas' readers take for a missing value by default (read_csv's and read_excel's `na_values`),
+    asked of the installed pandas: every revision reads its predictions back through one and scores
+    `str(value)`, so such a reply is scored as the text "nan"."""
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    return set(STR_NA_VALUES)
+
+
+MISSING = pandas_missing()
+
+
 def reference_choice(reply: str, options: dict[str, str], version: str) -> str | None:
     """A letter, 'Z' or None, as the documented rule of `version` says."""
     window, length_limit, answer_is = VERSIONS[version]
+    if reply in MISSING:  # exact cell text only: case and surrounding spaces keep it a string
+        reply = str(float("nan"))
     if MARKER not in reply:
         if any(reply.find(p) >= 0 for p in REFUSAL_PHRASES):
             return "Z"
@@ -126,8 +141,8 @@ def reference_choice(reply: str, options: dict[str, str], version: str) -> str |
 
 # ----------------------------------------------------------------------------- generated replies
 
-TEXTS = ["red", "blue", "dark red", "a cat", "dog", "cat", "yes", "no", "A", "b", "the left one", "2", "12", "U.S.",
-         "İstanbul", "straße", "Answer is B", "none of these", "(C)", "a", "is", "Red", "kelvin", "sky", "ſun"]
+TEXTS = ["an", "red", "blue", "dark red", "a cat", "dog", "cat", "yes", "no", "A", "b", "the left one", "2", "12",
+         "U.S.", "İstanbul", "straße", "Answer is B", "none of these", "(C)", "a", "is", "Red", "kelvin", "sky", "ſun"]
 LETTER_FORMS = ["{L}", "({L})", "[{L}]", "{{{L}}}", "**{L}**", "{L}.", "{L}:", "{L},", "{L})", "#{L}", "{l}", "'{L}'",
                 "{L}-", "Option {L}", "{L}!", "<{L}>", "\"{L}\""]
 FILLERS = ["the", "answer", "is", "I", "think", "it", "a", "an", "of", "option", "correct", "image", "shows", "so",
@@ -160,6 +175,9 @@ def _piece(rng: random.Random, options: dict[str, str]) -> str:
 
 
 def random_reply(rng: random.Random, options: dict[str, str]) -> str:
+    if rng.random() < 0.03:  # a reply a spreadsheet reader takes for a missing value, or nearly
+        spelling = rng.choice(sorted(MISSING))
+        return rng.choice([spelling, spelling, spelling.lower(), spelling.upper(), f" {spelling}", f"{spelling}."])
     n = rng.choice([1, 1, 1, 2, 2, 3, 4, 5, 6, 8, 12])
     reply = "".join(_piece(rng, options) + rng.choice(GAPS) for _ in range(n))
     if rng.random() < 0.5:

@@ -43,9 +43,12 @@ MAINS = [
 ]
 # Copies as MMBench stores them: options shifted left by k, answer remapped, image by reference.
 COPIES = [
-    [2000000, Q0, "Look closely.", "green", "yellow", "red", "blue", "D", "color", "attribute_reasoning", "0", "dev", "s"],
-    [1000000, Q0, "Look closely.", "blue", "green", "yellow", "red", "A", "color", "attribute_reasoning", "0", "dev", "s"],
-    [3000000, Q0, "Look closely.", "yellow", "red", "blue", "green", "C", "color", "attribute_reasoning", "0", "dev", "s"],
+    [2000000, Q0, "Look closely.", "green", "yellow", "red", "blue", "D", "color", "attribute_reasoning", "0", "dev",
+     "s"],
+    [1000000, Q0, "Look closely.", "blue", "green", "yellow", "red", "A", "color", "attribute_reasoning", "0", "dev",
+     "s"],
+    [3000000, Q0, "Look closely.", "yellow", "red", "blue", "green", "C", "color", "attribute_reasoning", "0", "dev",
+     "s"],
     [1000001, Q1, "none", "no", "yes", "nan", "", "B", "weather", "coarse_perception", "1", "dev", "s"],
     [1000002, Q2, "", "dog", "bird", "cat", "", "B", "animal", "coarse_perception", "2", "dev", "s"],
     [2000002, Q2, "", "bird", "cat", "dog", "", "A", "animal", "coarse_perception", "2", "dev", "s"],
@@ -167,11 +170,11 @@ def test_a_dev_split_without_answer_column_is_an_error_naming_the_file(tmp_path)
 def test_a_dev_row_without_its_answer_is_an_error_naming_the_row(tmp_path):
     rows = [list(r) for r in MAINS]
     rows[2][7] = "nan"
-    path = _write(tmp_path / "dev.tsv", HEADER, rows)
+    path = _write(tmp_path / "dev.tsv", HEADER, rows)  # row 2's question spans lines 3 and 4
     with pytest.raises(ValueError) as err:
         read_mmbench_tsv(path)
-    assert str(err.value) == (f"{path} row 3 (index 2): the answer cell is empty; every row of a dev split needs "
-                              "its answer (eval.split=test evaluates a split without answers)")
+    assert str(err.value) == (f"{path} line 5 (row 3, index 2): the answer cell is empty; every row of a dev split "
+                              "needs its answer (eval.split=test evaluates a split without answers)")
 
 
 def test_a_test_split_reads_no_answers_even_when_the_file_has_them(dev_tsv, caplog):
@@ -205,7 +208,7 @@ def test_a_bad_image_cell_fails_at_read_time_naming_file_row_and_index(tmp_path,
     path = _write(tmp_path / "bad_image.tsv", HEADER, rows)
     with pytest.raises(ValueError) as err:
         read_mmbench_tsv(path)
-    assert str(err.value) == f"{path} row 2 (index 1): {reason}"
+    assert str(err.value) == f"{path} line 3 (row 2, index 1): {reason}"
 
 
 def test_decoding_is_strict_where_lenient_decoding_would_pass():
@@ -236,7 +239,7 @@ def test_malformed_files_raise_naming_file_and_row(tmp_path, mutate, message):
 
 def test_error_names_the_row_and_index(tmp_path):
     rows = [list(r) for r in MAINS] + [[2000002, Q2, "", "bird", "cat", "dog", "", "A", "a", "b", "55", "", ""]]
-    with pytest.raises(ValueError, match=r"bad\.tsv row 5 \(index 2000002\): image refers to index 55"):
+    with pytest.raises(ValueError, match=r"bad\.tsv line 7 \(row 5, index 2000002\): image refers to index 55"):
         read_mmbench_tsv(_write(tmp_path / "bad.tsv", HEADER, rows))
 
 

@@ -1,5 +1,8 @@
 """`python -m vlmablate.eval run_dir=PATH eval=mmbench [eval.tsv=FILE]`: evaluate a finished run
-(or, without run_dir, the model a `model=...` option names) and merge the results into its summary."""
+(or, without run_dir, the model a `model=...` option names) and merge the results into its summary.
+
+An evaluation that differs from the one the run reports for a set (another mode, extraction, file...)
+is kept beside it, never over it (`eval/evaluations.py`)."""
 
 from __future__ import annotations
 
@@ -38,15 +41,23 @@ def main(cfg: DictConfig) -> float | None:
         loaded = load_model(resolve_model(cfg), projector_type=plan.projector_type, quant=cfg.quant,
                             skip_modules=plan.skip_modules(), compute_dtype=compute_dtype(cfg))
         model, processor = loaded.model, loaded.processor
-    results, _ = run_eval(cfg.eval, model, processor, out_dir / "eval", world=cfg.world, progress=cfg.train.progress)
+    reported = reported_evaluations(out_dir / "summary.json")
+    results, _ = run_eval(cfg.eval, model, processor, out_dir / "eval", world=cfg.world, progress=cfg.train.progress,
+                          reported=reported)
     merge_summary(out_dir / "summary.json", results)
-    log.info("evaluation merged into %s", out_dir / "summary.json")
-    mmbench = results.get("mmbench")
+    log.info("evaluation merged into %s as %s", out_dir / "summary.json", ", ".join(f"eval.{key}" for key in results))
+    mmbench = next((m for m in results.values() if m["evaluation"]["set"] == "mmbench"), None)
     return mmbench["circular_acc"] if mmbench else None
 
 
+def reported_evaluations(path: Path) -> dict:
+    """The summary's `eval` section: the evaluations the run reports, which a new one must not replace."""
+    return (json.loads(path.read_text()).get("eval") or {}) if path.exists() else {}
+
+
 def merge_summary(path: Path, results: dict) -> dict:
-    """Add or replace the evaluated sets under `eval`, leaving the rest of the summary as it was."""
+    """Add the evaluated sets under `eval` (replacing only the same evaluations made again: `run_eval` named the
+    others apart), leaving the rest of the summary as it was."""
     summary = json.loads(path.read_text()) if path.exists() else {"status": "evaluated"}
     summary.setdefault("eval", {}).update(results)
     tmp = path.with_suffix(".json.tmp")

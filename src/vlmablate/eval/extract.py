@@ -18,6 +18,13 @@ does, in order, for a reply and the question's *present* options:
    options' texts together.
 6. Anything else is unparsed.
 
+Before any of this, the reply goes through VLMEvalKit's prediction file: it is written to an xlsx and read
+back with pandas, whose `read_excel` (and `read_csv`) turn a cell that is exactly one of pandas' default NaN
+spellings (`PANDAS_NA`: "", "None", "N/A", "NA", "nan", "null", ...; case and surrounding whitespace count,
+so "none" and " None" are text) into NaN, and every revision's MCQ evaluation then takes `str(prediction)`:
+the reply becomes the text "nan". It is then extracted as above: no letter token, so unparsed unless exactly
+one option's text is inside "nan" (an option "an" is chosen; "no" is not inside it).
+
 VLMEvalKit also rejects a lone letter "A" in a reply of more than 3 tokens as a possible article, but
 only when its VERBOSE environment variable is set; by default it does not, and neither do we.
 Under exact matching VLMEvalKit scores 'Z' and unparsed replies alike (wrong): `extract_choice`
@@ -37,6 +44,11 @@ REFUSALS = (
     "Cannot determine the answer",
 )
 NO_OPTION = "Z"
+# pandas' default NaN spellings (`pandas._libs.parsers.STR_NA_VALUES`, pandas >= 2.0; checked against 3.1),
+# matched exactly; a NaN prediction reaches VLMEvalKit's `can_infer` as str(nan).
+PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                       "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+PANDAS_NA_TEXT = "nan"
 _TO_SPACES = str.maketrans(dict.fromkeys(".()[],:;!*#{}", " "))
 _ANSWER_IS = re.compile(r"answer\s+is\s+\**([ABCD])", re.IGNORECASE)
 
@@ -75,6 +87,8 @@ def infer_choice(reply: str, options: dict[str, str], extraction: str = DEFAULT_
     """VLMEvalKit's outcome for a reply: an option letter, 'Z' (a refusal, or no option), or None (unparsed)."""
     rule = extraction_rule(extraction)
     reply = str(reply)
+    # The prediction file's round trip through pandas (see the module docstring).
+    reply = PANDAS_NA_TEXT if reply in PANDAS_NA else reply
     choice = None if API_FAILURE in reply else _by_letter(reply, options, rule)
     return choice or _by_text(reply, options, rule)
 

@@ -37,6 +37,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from vlmablate.eval.extract import PANDAS_NA
+
 log = logging.getLogger(__name__)
 
 COPY_STRIDE = 1_000_000
@@ -46,11 +48,13 @@ REQUIRED_COLUMNS = ("index", "question", "A", "B", "image")
 IMAGE_REF_MAX_CHARS = 64
 ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
-# pandas' default NaN spellings (pandas >= 2.0), then LLaVA's `is_none` ('nan' / 'none', any case).
-_PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
-                        "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+# pandas' default NaN spellings are extract.PANDAS_NA; then LLaVA's `is_none` ('nan' / 'none', any case).
 _LLAVA_NONE = frozenset({"nan", "none"})
 _HEADER_ALIASES = {"l2_category": "l2-category"}
+# What a file has been warned about, by (file, size, mtime, message). One run reads its TSV several times
+# (the config check before training, the evaluation, its blank-image baseline, the W&B table); a warning
+# about the file is news the first time only.
+_WARNED: set[tuple] = set()
 
 
 @dataclass
@@ -79,7 +83,7 @@ class Question:
 
 @dataclass
 class _Row:
-    where: str  # "FILE row N (index I)", the prefix of every message about this row
+    where: str  # "FILE line L (row N, index I)", the prefix of every message about this row
     index: int
     question: str
     hint: str | None
@@ -112,7 +116,7 @@ def read_mmbench_tsv(path: str | os.PathLike, *, circular: str = "auto", split: 
     if circular == "expand" and not file_copies:
         copies = {q: _rotations(main) for q, main in mains.items()}
     else:
-        copies = {q: _checked_copies(mains[q], rows_q) for q, rows_q in file_copies.items()}
+        copies = {q: _checked_copies(mains[q], rows_q, path) for q, rows_q in file_copies.items()}
     return [_question(main, images[main.index], copies.get(q, [])) for q, main in mains.items()]
 
 
@@ -135,21 +139,29 @@ def decode_image(b64: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_table(path: str | os.PathLike) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """The TSV's header and its non-blank rows as (row number, cells); row 1 is the first after the header."""
+def read_table(path: str | os.PathLike) -> tuple[list[str], list[tuple[int, int, list[str]]]]:
+    """The TSV's header and its non-blank rows as (line, row, cells): the line of the file the row starts
+    on (as an editor numbers them: the header is line 1) and its number among the rows after the header
+    (row 1 is the first)."""
     path = Path(path)
     # Base64 images are far longer than the csv module's 128 KiB default field limit. The limit is
     # process-wide, so it is only ever raised.
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    table = []
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
-            table = list(csv.reader(handle, delimiter="\t"))
+            reader = csv.reader(handle, delimiter="\t")
+            line = 1  # a quoted cell may span lines: a row is named by the line it starts on
+            for cells in reader:
+                table.append((line, cells))
+                line = reader.line_num + 1
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise ValueError(f"{path}: cannot read the MMBench TSV: {err}") from err
     if not table:
         raise ValueError(f"{path}: the file is empty (expected a header row)")
-    rows = [(number, cells) for number, cells in enumerate(table[1:], start=1) if any(c.strip() for c in cells)]
-    return table[0], rows
+    rows = [(line, number, cells) for number, (line, cells) in enumerate(table[1:], start=1)
+            if any(c.strip() for c in cells)]
+    return table[0][1], rows
 
 
 def column_name(raw: str) -> str:
@@ -170,13 +182,13 @@ def _read_rows(path: Path, split: str) -> list[_Row]:
                          f"{', '.join(header)}). A test split has no answers: evaluate it with eval.split=test, "
                          "which writes the MMBench submission file instead of scores")
     if split == "test" and "answer" in columns:
-        log.warning("%s has an answer column; eval.split=test does not read it (use eval.split=dev to score)", path)
+        warn_once(path, f"{path} has an answer column; eval.split=test does not read it (use eval.split=dev to score)")
     rows, seen = [], {}
-    for number, cells in table:
-        row = _parse_row(cells, columns, f"{path} row {number}", split=split)
+    for line, number, cells in table:
+        row = _parse_row(cells, columns, f"{path} line {line}", f"row {number}", split=split)
         if row.index in seen:
-            raise ValueError(f"{row.where}: duplicate index {row.index} (first at row {seen[row.index]})")
-        seen[row.index] = number
+            raise ValueError(f"{row.where}: duplicate index {row.index} (first at line {seen[row.index]})")
+        seen[row.index] = line
         rows.append(row)
     return rows
 
@@ -196,6 +208,15 @@ def _columns(header: list[str], path: Path) -> dict[str, int]:
     return columns
 
 
+def warn_once(path: Path, message: str) -> None:
+    """Log a warning about the file unless this process has given it for the file as it is now."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, message)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("%s", message)
+
+
 def _is_option_column(name: str) -> bool:
     return len(name) == 1 and name in string.ascii_uppercase
 
@@ -205,10 +226,12 @@ def is_missing(cell: str | None) -> bool:
     if cell is None:
         return True
     text = cell.strip()
-    return text in _PANDAS_NA or text.lower() in _LLAVA_NONE
+    return text in PANDAS_NA or text.lower() in _LLAVA_NONE
 
 
-def _parse_row(cells: list[str], columns: dict[str, int], prefix: str, *, split: str) -> _Row:
+def _parse_row(cells: list[str], columns: dict[str, int], line: str, row: str, *, split: str) -> _Row:
+    """`line` ("FILE line L") and `row` ("row N") name the row in messages."""
+    prefix = f"{line} ({row})"
     if len(cells) > len(columns):
         raise ValueError(f"{prefix}: {len(cells)} cells but the header has {len(columns)} columns")
 
@@ -224,7 +247,7 @@ def _parse_row(cells: list[str], columns: dict[str, int], prefix: str, *, split:
         index = None
     if index is None or index < 0:
         raise ValueError(f"{prefix}: index {raw_index!r} is not a non-negative integer")
-    where = f"{prefix} (index {index})"
+    where = f"{line} ({row}, index {index})"
     question = cell("question")
     if question is None:
         raise ValueError(f"{where}: the question cell is empty")
@@ -332,16 +355,16 @@ def _rotations(main: _Row) -> list[Copy]:
             for k in range(1, len(letters))]
 
 
-def _checked_copies(main: _Row, rows: list[_Row]) -> list[Copy]:
+def _checked_copies(main: _Row, rows: list[_Row], path: Path) -> list[Copy]:
     copies = []
     for row in sorted(rows, key=lambda r: r.index):
         k = row.index // COPY_STRIDE
-        _check_copy(main, row, k)
+        _check_copy(main, row, k, path)
         copies.append(Copy(index=row.index, k=k, options=row.options, answer=row.answer))
     return copies
 
 
-def _check_copy(main: _Row, row: _Row, k: int) -> None:
+def _check_copy(main: _Row, row: _Row, k: int, path: Path) -> None:
     n = len(main.options)
     if k >= n:
         raise ValueError(f"{row.where}: copy k={k}, but question {main.index} has only {n} options")
@@ -353,8 +376,8 @@ def _check_copy(main: _Row, row: _Row, k: int) -> None:
         raise ValueError(f"{row.where}: answer {row.answer} ({row.options[row.answer]!r}) is not the correct "
                          f"option of question {main.index} ({main.options[main.answer]!r})")
     if row.options != rotate_options(main.options, k):
-        log.warning("%s: options are not question %d's options rotated left by %d; keeping the file's order",
-                    row.where, main.index, k)
+        warn_once(path, f"{row.where}: options are not question {main.index}'s options rotated left by {k}; "
+                  "keeping the file's order")
 
 
 def _question(main: _Row, image_b64: str, copies: list[Copy]) -> Question:

@@ -5,13 +5,17 @@ in file order, with its columns except `hint`, `category`, `source`, `image`, `c
 `l2-category` (cells pandas reads as NaN left empty), and a `prediction` column right after the
 last option column. The prediction is the model's reply, stripped (LLaVA's `text`): the server does
 its own answer extraction. In likelihood mode it is the chosen letter. The table is written as
-`submission.xlsx` (what the server takes) and as `submission.tsv` (readable and diffable).
+`submission.xlsx` (what the server takes), on a sheet named "Sheet1" as pandas' `to_excel` names it in
+LLaVA's script, and as `submission.tsv` (readable and diffable). A worksheet cannot hold control
+characters (openpyxl refuses them, so LLaVA's script stops on such a reply); they are dropped from the
+table before either file is written, so the two files hold the same text.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import re
 from pathlib import Path
 
 from vlmablate.eval.mmbench import column_name, is_missing, read_table
@@ -19,6 +23,10 @@ from vlmablate.eval.mmbench import column_name, is_missing, read_table
 log = logging.getLogger(__name__)
 
 DROPPED_COLUMNS = ("hint", "category", "source", "image", "comment", "l2-category")
+SHEET_NAME = "Sheet1"  # pandas' to_excel default, which LLaVA's script keeps
+# What a worksheet cannot store: C0 control characters other than tab, line feed and carriage return
+# (openpyxl's ILLEGAL_CHARACTERS_RE, spelled out so that reading the table needs no openpyxl).
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 def submission_table(tsv: str | Path, predictions: dict[int, str]) -> tuple[list[str], list[list]]:
@@ -31,13 +39,18 @@ def submission_table(tsv: str | Path, predictions: dict[int, str]) -> tuple[list
     out_header = [header[i] for i in kept[:after]] + ["prediction"] + [header[i] for i in kept[after:]]
     index_at = names.index("index")
     out_rows = []
-    for _, cells in rows:
+    for _, _, cells in rows:
         cells = cells + [""] * (len(header) - len(cells))
         index = int(cells[index_at].strip())
         # As LLaVA's pandas round trip leaves them: an empty cell where pandas reads NaN.
         values: list = [index if i == index_at else "" if is_missing(cells[i]) else cells[i] for i in kept]
         out_rows.append(values[:after] + [predictions.get(index, "")] + values[after:])
-    return out_header, out_rows
+    return _storable(out_header), [_storable(row) for row in out_rows]
+
+
+def _storable(row: list) -> list:
+    """The row as a worksheet can hold it, for both files alike: control characters dropped."""
+    return [CONTROL_CHARACTERS.sub("", v) if isinstance(v, str) else v for v in row]
 
 
 def write_submission(tsv: str | Path, predictions: dict[int, str], out_dir: Path) -> dict:
@@ -67,14 +80,13 @@ def _write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
 
 def _write_xlsx(path: Path, header: list[str], rows: list[list]) -> None:
     from openpyxl import Workbook
-    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 
     book = Workbook()
     sheet = book.active
+    sheet.title = SHEET_NAME
     sheet.append(header)
     for row in rows:
-        # Control characters cannot be stored in a worksheet; a reply holding one loses just those.
-        sheet.append([ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v for v in row])
+        sheet.append(row)
     tmp = path.with_suffix(".xlsx.tmp")
     book.save(tmp)
     tmp.replace(path)

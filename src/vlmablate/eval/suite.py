@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from vlmablate.config import EvalConfig, WorldConfig
+from vlmablate.eval.evaluations import identity, place
 from vlmablate.eval.mmbench import read_mmbench_tsv
 from vlmablate.eval.run import evaluate_mmbench, evaluate_vqa
 
@@ -38,18 +39,37 @@ def _acc(value: float | None) -> str:
 
 
 def run_eval(cfg: EvalConfig, model, processor, out_dir: Path, *, world: WorldConfig | None = None,
-             progress: bool = False) -> tuple[dict, dict]:
-    """Evaluate; return (metrics for summary["eval"], samples for W&B). Predictions go under out_dir/<set>/."""
+             progress: bool = False, reported: dict | None = None) -> tuple[dict, dict]:
+    """Evaluate; return (metrics for summary["eval"], samples for W&B). Each set's predictions go under
+    out_dir/<set>/ and its metrics under <set>, named by `metrics["evaluation"]`; where `reported` (the run's
+    summary["eval"]) already holds another evaluation of a set, this one goes beside it under its own name
+    (`eval/evaluations.py`)."""
     if not cfg.tasks:
         return {}, {}
     files = benchmark_files(cfg, world)
     results, samples = {}, {}
     common = dict(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, max_questions=cfg.max_questions,
                   n_boot=cfg.n_boot, progress=progress)
+
+    def where(set_name: str, file: str) -> tuple[str, dict]:
+        ident = identity(set_name, cfg, file)
+        key = place(set_name, ident, reported or {})
+        if key != set_name:
+            log.info("%s: the run reports another evaluation (%s); this one is kept beside it as %s", set_name,
+                     (reported[set_name].get("evaluation") or {}).get("name", "named before evaluations had names"),
+                     key)
+        return key, {**ident, "dir": f"{out_dir.name}/{key}"}
+
+    def record(key: str, ident: dict, metrics: dict) -> dict:
+        results[key] = {**metrics, "evaluation": ident}
+        return results[key]
+
     if "mmbench" in cfg.tasks:
         mmbench = dict(mode=cfg.mode, circular=cfg.circular, split=cfg.split, extraction=cfg.extraction, **common)
-        metrics, rows = evaluate_mmbench(model, processor, files["tsv"], out_dir=out_dir / "mmbench", **mmbench)
-        results["mmbench"], samples["mmbench"], samples["mmbench_tsv"] = metrics, rows, files["tsv"]
+        key, ident = where("mmbench", files["tsv"])
+        metrics, rows = evaluate_mmbench(model, processor, files["tsv"], out_dir=out_dir / key, **mmbench)
+        metrics = record(key, ident, metrics)
+        samples["mmbench"], samples["mmbench_tsv"] = rows, files["tsv"]
         samples["mmbench_split"] = cfg.split
         rule = f"{cfg.mode}, {cfg.extraction}" if cfg.mode == "generate" else cfg.mode
         if cfg.split == "test":
@@ -64,18 +84,20 @@ def run_eval(cfg: EvalConfig, model, processor, out_dir: Path, *, world: WorldCo
         if cfg.text_only_baseline and cfg.split == "test":
             log.info("text-only baseline skipped: a test split has no answers to compare it by")
         elif cfg.text_only_baseline:
-            blank, _ = evaluate_mmbench(model, processor, files["tsv"], blank=True,
-                                        out_dir=out_dir / "mmbench_blank_image", **mmbench)
-            results["mmbench_blank_image"] = blank
+            key, ident = where("mmbench_blank_image", files["tsv"])
+            blank, _ = evaluate_mmbench(model, processor, files["tsv"], blank=True, out_dir=out_dir / key, **mmbench)
+            record(key, ident, blank)
             log.info("MMBench with a blank image (text-only baseline): circular %s (%s on the %d questions with 3+ "
                      "options), vanilla %s", _acc(blank["circular_acc"]), _acc(blank["circular_acc_3plus_options"]),
                      blank["n_questions_3plus_options"], _acc(blank["vanilla_acc"]))
     if "textvqa" in cfg.tasks:
         vqa = dict(image_root=files["vqa_image_root"], use_ocr=cfg.use_ocr, **common)
-        results["textvqa"] = evaluate_vqa(model, processor, files["vqa_json"], out_dir=out_dir / "textvqa", **vqa)
-        log.info("VQA accuracy: %s on %d questions", _acc(results["textvqa"]["vqa_acc"]), results["textvqa"]["n"])
+        key, ident = where("textvqa", files["vqa_json"])
+        textvqa = record(key, ident, evaluate_vqa(model, processor, files["vqa_json"], out_dir=out_dir / key, **vqa))
+        log.info("VQA accuracy: %s on %d questions", _acc(textvqa["vqa_acc"]), textvqa["n"])
         if cfg.text_only_baseline:
-            results["vqa_blank_image"] = evaluate_vqa(model, processor, files["vqa_json"], blank=True,
-                                                      out_dir=out_dir / "vqa_blank_image", **vqa)
-            log.info("VQA with a blank image (text-only baseline): %s", _acc(results["vqa_blank_image"]["vqa_acc"]))
+            key, ident = where("vqa_blank_image", files["vqa_json"])
+            blank = record(key, ident, evaluate_vqa(model, processor, files["vqa_json"], blank=True,
+                                                    out_dir=out_dir / key, **vqa))
+            log.info("VQA with a blank image (text-only baseline): %s", _acc(blank["vqa_acc"]))
     return results, samples

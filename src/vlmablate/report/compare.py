@@ -17,6 +17,11 @@ runs of a cell differ only in their seed. For each cell:
 - the MMBench gain over the frozen-LLM cell (with the paired test's CI), which comparison_forgetting.png
   plots against the retention loss: learning against forgetting.
 
+Cells are compared only where MMBench was evaluated alike (`eval/evaluations.py`: the same mode, extraction,
+split, benchmark file, ...; each run's summary names its evaluation). Where the sweep's cells were not, the
+table gets an "MMBench evaluation" column and a note naming the groups, and cells of different groups get
+no paired test, no gain and no control test; a cell whose seeds were evaluated differently gets none.
+
 Every two cells are compared by the crossed test (`stats.compare`): difference, 95% CI and p with
 training noise in them, the smallest difference three seeds can see, and the seeds the observed
 difference would need. Each table (overall; per category) is one family: its p-values are corrected by
@@ -38,10 +43,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 
+from vlmablate.eval.evaluations import describe, differences, identity_of
 from vlmablate.eval.metrics import bootstrap_ci, paired_difference
 from vlmablate.report import decision, stats
 
@@ -50,7 +57,8 @@ CSV_COLUMNS = ("cell", "label", "vision", "freeze", "quant", "status", "seeds", 
                "mmbench_vanilla", "mmbench_blank", "mmbench_blank_3plus", "vqa_acc", "vqa_blank", "retention_loss",
                "retention_ci_low", "retention_ci_high", "mmbench_gain", "mmbench_gain_ci_low", "mmbench_gain_ci_high",
                "gain_over", "wall_clock_s",
-               "peak_mem_mb", "tokens_per_s", "flops_per_token", "tflops", "mfu", "final_loss", "stage1_artifact")
+               "peak_mem_mb", "tokens_per_s", "flops_per_token", "tflops", "mfu", "final_loss", "stage1_artifact",
+               "evaluation")
 
 
 def find_runs(sweep_dir: Path) -> list[Path]:
@@ -123,6 +131,52 @@ def _pooled(runs: list[dict], task: str) -> dict[str | None, list[float]]:
             pooled[None].append(float(ok))
             pooled.setdefault(category, []).append(float(ok))
     return pooled
+
+
+def _evaluations(cell: dict) -> list[dict]:
+    """The identity of the MMBench evaluation each completed run of the cell reports (`summary.eval.mmbench`)."""
+    idents = []
+    for run in cell["runs"]:
+        metrics = (run["summary"].get("eval") or {}).get("mmbench")
+        if run["summary"].get("status") == "completed" and metrics:
+            idents.append(identity_of("mmbench", metrics))
+    return idents
+
+
+def _alike(idents: list[dict]) -> bool:
+    return all(not differences(a, b) for a, b in combinations(idents, 2))
+
+
+def evaluated_alike(a: dict, b: dict) -> bool:
+    """Whether every run of two cells reports the same MMBench evaluation (fields one of them lacks, in a
+    summary written before evaluations were named, are not compared)."""
+    return _alike(_evaluations(a) + _evaluations(b))
+
+
+def evaluation_notes(cells: list[dict]) -> list[str]:
+    """Empty where every cell was evaluated alike; else the groups of cells evaluated alike, and the cells whose
+    seeds were evaluated differently: the cells that are not compared with each other."""
+    groups: list[tuple[dict, list[str]]] = []
+    mixed = []
+    for cell in cells:
+        idents = _evaluations(cell)
+        if not idents:
+            continue
+        if not _alike(idents):
+            a, b = next((a, b) for a, b in combinations(idents, 2) if differences(a, b))
+            mixed.append(f"{cell['cell']}: its seeds were evaluated differently ({describe(a, b)}); not compared")
+            continue
+        group = next((g for g in groups if _alike([g[0], *idents])), None)
+        if group is None:
+            groups.append((idents[0], [cell["cell"]]))
+        else:
+            group[1].append(cell["cell"])
+    if len(groups) < 2 and not mixed:
+        return []
+    first = groups[0][0] if groups else None
+    notes = [f"evaluation {ident['name']}: {', '.join(names)}"
+             + ("" if ident is first else f" ({describe(first, ident)})") for ident, names in groups]
+    return notes + mixed
 
 
 # the reference freeze table's rows, in its order
@@ -199,6 +253,7 @@ def summarize(cell: dict, *, n_boot: int = 1000, answers: dict | None = None) ->
     row["device"] = ";".join(sorted(devices)) or None
     stage1 = {((r["summary"].get("lineage") or {}).get("stage1") or {}).get("hash") for r in done} - {None}
     row["stage1_artifact"] = ";".join(sorted(stage1))
+    row["evaluation"] = ";".join(sorted({ident["name"] for ident in _evaluations(cell)})) or None
     return row
 
 
@@ -350,12 +405,14 @@ def paired_tests(cells: list[dict], *, n_boot: int = 1000, by_category: bool = F
     only with that one, and only when `aa` is set (then nothing else is returned). `data` is
     `answers_by_cell(cells)` where the caller read it already."""
     data = answers_by_cell(cells) if data is None else data
+    by_name = {cell["cell"]: cell for cell in cells}
     names = [cell["cell"] for cell in cells if data[cell["cell"]][0]]
-    twins = _twins(names, {cell["cell"]: cell for cell in cells})
+    twins = _twins(names, by_name)
     if aa:
         pairs = [(twins[b], b) for b in names if b in twins]
     else:
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if a not in twins and b not in twins]
+    pairs = [(a, b) for a, b in pairs if evaluated_alike(by_name[a], by_name[b])]  # else nothing to compare
     tests = []
     for a, b in pairs:
         (runs_a, cats_a), (runs_b, cats_b) = data[a], data[b]
@@ -371,6 +428,10 @@ def paired_tests(cells: list[dict], *, n_boot: int = 1000, by_category: bool = F
         test["p_holm"] = adjusted
         test["beyond_noise"] = bool(test["training_noise"] and adjusted < stats.ALPHA)
     return tests
+
+
+EVALUATED_APART = ("MMBench was not evaluated alike in every cell, so cells evaluated differently are not compared "
+                   "(no paired test, gain or control between them) and their accuracies are not comparable")
 
 
 # The effects the tiny world builds in (docs/tiny_world.md): a known difference each control must find.
@@ -407,6 +468,8 @@ def control_tests(cells: list[dict], *, n_boot: int = 1000, data: dict | None = 
         family = []
         for a in trained:
             for b in frozen:
+                if not evaluated_alike(by_name[a], by_name[b]):
+                    continue
                 (runs_a, cats), (runs_b, _) = data[a], data[b]
                 questions = {q for q in _common(runs_a, runs_b) if cats.get(q) == control["category"]}
                 test = _compare(a, b, runs_a, runs_b, questions, n_boot=n_boot, category=control["category"])
@@ -520,12 +583,15 @@ def _aa_markdown(aa: dict | None) -> list[str]:
 
 
 def to_markdown(rows: list[dict], tests: list[dict], category_tests: list[dict] = (),
-                controls: list[dict] = (), aa: dict | None = None) -> str:
+                controls: list[dict] = (), aa: dict | None = None, evaluations: list[str] = ()) -> str:
+    """The tables; `evaluations`: `evaluation_notes`, where the cells were not all evaluated alike (then the
+    table names each cell's evaluation in a last column, and the notes follow it)."""
     lines = ["| Config | Trainable params | MM-Bench circular (95% CI) | Wall-clock (s) | retention loss (95% CI) | "
              "% trainable | VQA acc | "
              "vanilla | blank image: circular | blank image: circular, 3+ options | blank image: VQA | peak mem (MB) | "
-             "tokens/s | FLOPs/token | TFLOP/s | MFU | seeds | status | stage-1 artifact |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tokens/s | FLOPs/token | TFLOP/s | MFU | seeds | status | stage-1 artifact |"
+             + (" MMBench evaluation |" if evaluations else ""),
+             "|" + "---|" * (20 if evaluations else 19)]
     for r in rows:
         acc = "-" if r.get("mmbench_circular") is None else \
             f"{r['mmbench_circular']:.3f} ({_fmt(r.get('mmbench_ci_low'))}-{_fmt(r.get('mmbench_ci_high'))})"
@@ -536,8 +602,10 @@ def to_markdown(rows: list[dict], tests: list[dict], category_tests: list[dict] 
                 _fmt(r.get("peak_mem_mb"), 0),
                 _fmt(r.get("tokens_per_s"), 0), _sci(r.get("flops_per_token")),
                 _sci(r.get("tflops")), _sci(r.get("mfu")), str(r["seeds"]), status,
-                r.get("stage1_artifact") or "-"]
+                r.get("stage1_artifact") or "-"] + ([r.get("evaluation") or "-"] if evaluations else [])
         lines.append("| " + " | ".join(cols) + " |")
+    if evaluations:
+        lines += ["", f"{EVALUATED_APART}:", "", *(f"- {note}" for note in evaluations)]
     if tests:
         seeds = max((min(t["seeds"]) for t in tests), default=0)
         lines += ["", "Paired differences in CircularEval correctness (crossed seeds × questions test: training "
@@ -700,7 +768,10 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = 1000, settings: dict | 
         writer.writeheader()
         writer.writerows(rows)
     decided = make_decision(cells, rows, tests, aa, settings or {})
-    tables = to_markdown(rows, tests, category_tests, controls, aa)
+    evaluations = evaluation_notes(cells)
+    if evaluations:
+        decided["notes"] = [*decided["notes"], f"{EVALUATED_APART}: {'; '.join(evaluations)}"]
+    tables = to_markdown(rows, tests, category_tests, controls, aa, evaluations)
     (sweep_dir / "comparison.md").write_text(f"# {TITLE}\n\n{decision.decision_markdown(decided)}\n"
                                              f"## The cells\n\n{tables}")
     plot(rows, sweep_dir / "comparison.png", blank)
@@ -708,7 +779,7 @@ def write_report(sweep_dir: str | Path, *, n_boot: int = 1000, settings: dict | 
     if not plot_forgetting(rows, forgetting):
         forgetting.unlink(missing_ok=True)  # from an earlier report of this folder: it would be stale
     report = {"decision": decided, "rows": rows, "paired": tests, "paired_by_category": category_tests,
-              "controls": controls, "aa": aa, "blank_band": blank}
+              "controls": controls, "aa": aa, "blank_band": blank, "evaluations": evaluations}
     (sweep_dir / "comparison.json").write_text(json.dumps(report, indent=2, default=str))
     offline = sorted({str(p) for cell in cells for run in cell["runs"]
                       for p in (run["dir"] / "wandb").glob("offline-run-*")})
