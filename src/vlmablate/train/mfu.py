@@ -67,7 +67,7 @@ GPU_PEAKS: dict[str, GpuPeak] = {p.key: p for p in (
     # Not the RTX 6000 Ada Generation.
     GpuPeak("a6000", "NVIDIA RTX A6000", r"RTX A6000$", 154.8, "GA102 whitepaper, dense"),
     # NVIDIA H200 datasheet, H200 SXM: "BF16 Tensor Core 1,979 TFLOPS", with sparsity: the H100 SXM's compute
-    # (more, faster memory only), so dense is the same 989.4. Not the NVL part (lower clocks). Beyond the issue's
+    # (more, faster memory only), so dense is the same 989.4. Not the NVL part (lower clocks). Beyond the first
     # five: the GPU a device check may be lent.
     GpuPeak("h200", "NVIDIA H200 (SXM)", r"\bH200\b(?!.*NVL)", 989.4, "H200 datasheet, dense"),
 )}
