@@ -69,6 +69,13 @@ def test_a_training_run_prints_only_its_own_story(tmp_path):
     assert "[TRAINABLE]" in screen and f"run directory: {tmp_path / 'run'}" in screen
     # a single run writes no comparison: the report callback acts only when a multirun ends
     assert not list((tmp_path / "run").glob("comparison*"))
+    # the other entry points a user meets next: evaluating the run again, and checking the data
+    again = command("vlmablate.eval", f"run_dir={tmp_path / 'run'}", "world=test", "eval=mmbench_fast",
+                    "eval.max_questions=8", "train.progress=false", f"hydra.run.dir={tmp_path / 'eval-log'}")
+    assert_first_screen_clean(again)
+    check = command("vlmablate.data.check", *TRAIN, f"hydra.run.dir={tmp_path / 'check'}")
+    assert_first_screen_clean(check)
+    assert (tmp_path / "check" / "data_check.json").exists()
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -209,6 +209,10 @@ def format_report(report: dict) -> str:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from vlmablate.train.distributed import name_deepspeed_accelerator
+
+    name_deepspeed_accelerator(cfg.train.get("deepspeed"))
+
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     report, ok = check_data(to_run_config(cfg), out_dir)
     print(format_report(report))

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from vlmablate.train.distributed import name_deepspeed_accelerator
+
+    name_deepspeed_accelerator(cfg.train.get("deepspeed"))
+
     from vlmablate.eval.load import load_trained
     from vlmablate.eval.suite import check_benchmark_files, run_eval
     from vlmablate.model.load import load_model

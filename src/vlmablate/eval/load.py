@@ -45,7 +45,10 @@ def load_trained(run_dir: str | Path):
     if (final / "adapter").exists():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, final / "adapter")
+        from vlmablate.model.plan import peft_without_bitsandbytes
+
+        with peft_without_bitsandbytes():  # a quantized base has imported it already; PEFT then uses it
+            model = PeftModel.from_pretrained(model, final / "adapter")
     for name in (NON_LORA_FILE, TRAINABLES_FILE):
         if (final / name).exists():
             load_trainables(model, final / name)

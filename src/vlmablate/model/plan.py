@@ -210,11 +210,12 @@ def lora_target_pattern(model: nn.Module, component: str, targets) -> str:
 
 
 @contextmanager
-def _peft_without_bitsandbytes():
+def peft_without_bitsandbytes():
     """PEFT offers its bitsandbytes LoRA layers by importing bitsandbytes whenever it is installed. Where
     bitsandbytes is not imported yet, the model holds none of its layers (nothing was quantized), and that import
     would only load kernels the run never calls (on CPUs with AVX-512 BF16 it also looks one up on the Hub and
-    warns about its publisher); so for this one call PEFT is told bitsandbytes is absent."""
+    warns about its publisher); so while LoRA layers are made (added, or loaded from a saved adapter) PEFT is told
+    bitsandbytes is absent."""
     from peft.tuners.lora import model as lora_model
 
     checks = () if "bitsandbytes" in sys.modules else ("is_bnb_available", "is_bnb_4bit_available")
@@ -246,7 +247,7 @@ def _add_lora(model: nn.Module, plan: FreezePlan) -> nn.Module:
         alpha_pattern=alpha_pattern,
         bias="none",
     )
-    with _peft_without_bitsandbytes():
+    with peft_without_bitsandbytes():
         return get_peft_model(model, config)
 
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlmablate.model.plan import FreezePlan, base_name, component_of, is_lora_param, unwrap
+from vlmablate.model.plan import FreezePlan, base_name, component_of, is_lora_param, peft_without_bitsandbytes, unwrap
 from vlmablate.model.projector_io import projector_from_state_dict, save_projector, write_projector
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,8 @@ def export_merged(checkpoint: str, folder: str | os.PathLike, artifacts_dir: str
     model_type = AutoConfig.from_pretrained(checkpoint).model_type
     cls = LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
     base = cls.from_pretrained(checkpoint, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, artifacts_dir / "adapter").merge_and_unload()
+    with peft_without_bitsandbytes():  # the base is unquantized: no bitsandbytes layer to make
+        merged = PeftModel.from_pretrained(base, artifacts_dir / "adapter").merge_and_unload()
     if (artifacts_dir / NON_LORA_FILE).exists():
         load_trainables(merged, artifacts_dir / NON_LORA_FILE)
     merged.save_pretrained(folder)

@@ -126,3 +126,17 @@ def agree_on_run_dir(proposed: Path, make_state) -> Path:
     if agreed != proposed and not is_main() and proposed.is_dir() and not any(proposed.iterdir()):
         proposed.rmdir()
     return agreed
+
+
+def name_deepspeed_accelerator(deepspeed: str | None = None) -> None:
+    """Trainer (through accelerate) imports DeepSpeed whenever it is installed, only to recognise a model DeepSpeed
+    wrapped; DeepSpeed then looks for an accelerator and, finding none, warns that it falls back to the CPU. On a
+    machine without one the CPU is its only choice, so every entry point names it beforehand (DS_ACCELERATOR, which
+    DeepSpeed alone reads), and only a run that does use DeepSpeed (`deepspeed`: its config) hears about it."""
+    has_accelerator = (torch.cuda.is_available() or torch.backends.mps.is_available()
+                       or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+    if has_accelerator or "DS_ACCELERATOR" in os.environ:
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    if deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        logging.getLogger("vlmablate").warning("no GPU here: DeepSpeed (train.deepspeed=%s) runs on the CPU", deepspeed)

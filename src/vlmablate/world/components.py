@@ -44,6 +44,7 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from vlmablate.config import ConfigError, WorldConfig, cache_root
+from vlmablate.train.distributed import name_deepspeed_accelerator
 from vlmablate.world import data as world_data
 from vlmablate.world import language, pretrain
 from vlmablate.world.board import BoardEmbedding
@@ -281,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "(vocab_size, probe_per_kind); a build with changes is not the shipped recipe, and "
                              "its hash says so")
     args = parser.parse_args(argv)
+    name_deepspeed_accelerator()
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides: dict = {}
