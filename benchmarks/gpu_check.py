@@ -4,30 +4,34 @@
                                    [--out gpu_check.json] [--work DIR]
     python benchmarks/gpu_check.py --device cpu --shape tiny --steps 2      # the same code path on the CPU
 
-The model is built from the shipped llava-1.5-7b config (`model/hub_configs/`, nothing downloaded) with
-random bf16 weights, on the GPU, and saved once as a local checkpoint (14 GB at 7B); every cell then runs
-`python -m vlmablate model=llava15_7b model.checkpoint=THAT quant=nf4 train=rtx4090_qlora cell=CELL` in its
-own process (peak memory and the CUDA context start clean), on a synthetic LLaVA JSON set whose every sample
-fills `model.max_length` (2048 tokens at the preset's batch of 4). The full fine-tune cell trains an
-unquantized model, as `python -m vlmablate.plan`'s grid plans it. Its tokenizer is the tiny one
-(`model/tiny.py`): token ids change nothing in the model's shapes or cost, so the config's `<image>` and pad
-ids are set to the tokenizer's.
+The model is built from the shipped llava-1.5-7b config (`model/hub_configs/`, nothing downloaded) with random
+bf16 weights, on the GPU, and saved once as a local checkpoint (14 GB at 7B); every cell then runs `python -m
+vlmablate model=llava15_7b model.checkpoint=THAT quant=nf4 train=rtx4090_qlora cell=CELL` in its own process
+(peak memory and the CUDA context start clean), on a synthetic LLaVA JSON set whose every sample fills
+`model.max_length` (2048 tokens at the preset's batch of 4), most of them the answer: plan is told how many are
+labelled (`plan.labelled_tokens`, counted on the first record as the runner encodes it). The full fine-tune cell
+trains an unquantized model, as `python -m vlmablate.plan`'s grid plans it. Its tokenizer is the tiny one
+(`model/tiny.py`): token ids change nothing in the model's shapes or cost, so the config's `<image>` and pad ids
+are set to the tokenizer's.
 
 Printed: one row per cell (trainable parameters; peak memory, `torch.cuda.max_memory_allocated`, against
-`plan`'s estimate; tokens/s and MFU against the GPU table's peak, from the run's summary.json), then DDP over
-NCCL on two GPUs against one (where two are visible), then a verdict per target: every cell trains; plan's
-trainable count is the runner's; peak memory within MEMORY_BAND of the estimate; MFU at least the `plan.mfu` that
-plan's time estimates assume; DDP at least DDP_TARGET times one GPU; the whole check within BUDGET_S. `--out`
-writes it all as JSON. Without CUDA it prints SKIP_MESSAGE and exits 0. On the CPU (`--device cpu`, tiny only)
-the cells run in this process, with torch's AdamW, and no memory or MFU target is judged: it checks the script.
+`plan`'s estimate; tokens/s and MFU against the GPU table's peak, from the run's summary.json), then the
+`--logits-cell` run again with `train.labelled_logits_only=false` (the LM head over every position), its peak
+beside the cell's and each beside plan's estimate, then DDP over NCCL on two GPUs against one (where two are
+visible), then a verdict per target: every cell trains; plan's trainable count is the runner's; peak memory
+within MEMORY_BAND of the estimate; MFU at least the `plan.mfu` that plan's time estimates assume; the LM head
+on the labelled tokens peaks lower than on all of them; DDP at least DDP_TARGET times one GPU; the whole check
+within BUDGET_S. `--out` writes it all as JSON. Without CUDA it prints SKIP_MESSAGE and exits 0. On the CPU
+(`--device cpu`, tiny only) the cells run in this process, with torch's AdamW, and no memory or MFU target is
+judged: it checks the script.
 
-Time on one H100/H200 (estimated, not yet measured): building and saving the model ~1 min; each QLoRA cell
-~50 s (start-up, loading and quantizing 14 GB, 10 steps); the full fine-tune ~1.5 min, since its run writes
-the whole model twice (the last checkpoint with its 8-bit optimizer states, ~28 GB, and final/, 14 GB); the
-DDP run ~1 min. About 6 minutes in all, within the issue's 8. Disk: up to ~56 GB at once (the random
-checkpoint plus the full fine-tune's run directory); each run directory is removed once its summary is read, a
-cell whose run directory would not fit on the disk is refused before it starts, and a model left in `--work` by
-an earlier check is used again.
+Time on one H100/H200 (estimated, not yet measured): building and saving the model ~1 min; each QLoRA cell ~50 s
+(start-up, loading and quantizing 14 GB, 10 steps); the full fine-tune ~1.5 min, since its run writes the whole
+model twice (the last checkpoint with its 8-bit optimizer states, ~28 GB, and final/, 14 GB); the DDP run ~1
+min; the full-logits run again ~50 s. About 7 minutes in all, within the issue's 8. Disk: up to ~56 GB at once
+(the random checkpoint plus the full fine-tune's run directory); each run directory is removed once its summary
+is read, a cell whose run directory would not fit on the disk is refused before it starts, and a model left in
+`--work` by an earlier check is used again.
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps a cell (no gradient accumulation)")
     parser.add_argument("--ddp-cell", choices=CELLS, default="frozen_lora",
                         help="the cell run again on two GPUs, when two are visible")
+    parser.add_argument("--logits-cell", choices=CELLS, default="frozen_lora",
+                        help="the cell run again with the LM head on every position "
+                             "(train.labelled_logits_only=false)")
     parser.add_argument("--work", type=Path, default=None, help="work folder to keep (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -168,14 +175,31 @@ def write_data(folder: Path, records: int, image_size: int, max_length: int) -> 
 # --- one cell -----------------------------------------------------------------------------------------------
 
 
+def labelled_tokens(checkpoint: Path, data: Path, cfg) -> int:
+    """Labelled tokens of the data's first record as the runner encodes it (every record is as long)."""
+    from transformers import AutoProcessor
+
+    from vlmablate.data.dataset import LlavaJsonDataset, load_llava_json
+    from vlmablate.data.templates import IGNORE_INDEX
+    from vlmablate.train.runner import image_aspect_of
+
+    dataset = LlavaJsonDataset(load_llava_json(data)[:1], source_path=data, image_root=data.parent,
+                               processor=AutoProcessor.from_pretrained(checkpoint), template=cfg.stage.template,
+                               max_length=cfg.model.max_length, image_aspect=image_aspect_of(cfg))
+    return int((dataset[0]["labels"][1:] != IGNORE_INDEX).sum())
+
+
 def cell_overrides(cell: str, checkpoint: Path, data: Path, work: Path, *, steps: int, device: str,
-                   max_length: int | None) -> list[str]:
-    """What `python -m vlmablate` is given for `cell` (quant=none for the full fine-tune, as plan's grid)."""
+                   max_length: int | None, labelled: int | None = None) -> list[str]:
+    """What `python -m vlmablate` is given for `cell` (quant=none for the full fine-tune, as plan's grid), and
+    plan the labelled tokens of a sample (`labelled`) when counted."""
     overrides = ["model=llava15_7b", f"model.checkpoint={checkpoint}", f"quant={'none' if cell == 'full' else 'nf4'}",
                  "train=rtx4090_qlora", f"cell={cell}", "data=llava_json", f"data.path={data}",
                  f"data.image_root={data.parent}", f"data.cache_dir={work / 'cache'}", "eval=none", "logger=none",
                  f"train.max_steps={steps}", "train.gradient_accumulation_steps=1", "train.logging_steps=1",
                  "train.progress=false"]
+    if labelled is not None:
+        overrides.append(f"plan.labelled_tokens={labelled}")
     if max_length is not None:
         overrides.append(f"model.max_length={max_length}")
     if device == "cpu":
@@ -278,17 +302,19 @@ def cell_result(cell: str, plan: dict, summary: dict, *, measured_memory: bool, 
     return row
 
 
-def measure_cell(cell: str, paths: dict, args: argparse.Namespace, gpus: list[str]) -> dict:
+def measure_cell(cell: str, paths: dict, args: argparse.Namespace, gpus: list[str], extra: tuple[str, ...] = (),
+                 name: str | None = None) -> dict:
     from vlmablate.plan import plan_cell
 
-    overrides = cell_overrides(cell, paths["checkpoint"], paths["data"], paths["work"], steps=args.steps,
-                               device=args.device, max_length=paths["max_length"])
+    overrides = [*cell_overrides(cell, paths["checkpoint"], paths["data"], paths["work"], steps=args.steps,
+                                 device=args.device, max_length=paths["max_length"], labelled=paths.get("labelled")),
+                 *extra]
     cfg, _ = compose(overrides)
     try:
         plan = plan_cell(cfg)
     except Exception as exc:  # noqa: BLE001 - a row that says why, and the other cells still run
         return {"cell": cell, "quant": cfg.quant.mode, "status": "failed", "error": f"plan: {exc!r}", "steps": None}
-    run_dir = paths["work"] / "runs" / cell
+    run_dir = paths["work"] / "runs" / (name or cell)
     need, free = run_dir_gib(plan["memory_gib"]), shutil.disk_usage(paths["work"]).free / 2**30
     if need > free:  # refused now rather than failing after the model has loaded and trained
         summary = {"status": "failed", "error": f"its run directory needs ~{need:.1f} GiB of disk (checkpoint, "
@@ -311,7 +337,7 @@ def measure_ddp(rows: list[dict], paths: dict, args: argparse.Namespace, gpus: l
     if single is None or single.get("tokens_per_s") is None:
         return {"skipped": f"cell {args.ddp_cell} has no one-GPU run to compare with (--cells)"}
     overrides = cell_overrides(args.ddp_cell, paths["checkpoint"], paths["data"], paths["work"], steps=args.steps,
-                               device=args.device, max_length=paths["max_length"])
+                               device=args.device, max_length=paths["max_length"], labelled=paths.get("labelled"))
     run_dir = paths["work"] / "runs" / f"{args.ddp_cell}-ddp"
     summary = train(run_dir, overrides, gpus[:2])
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -321,6 +347,25 @@ def measure_ddp(rows: list[dict], paths: dict, args: argparse.Namespace, gpus: l
     return {"cell": args.ddp_cell, "gpus": 2, "tokens_per_s": tokens_per_s, "one_gpu_tokens_per_s":
             single["tokens_per_s"], "ratio": round(tokens_per_s / single["tokens_per_s"], 3),
             "mfu": summary["train"]["mfu"]}
+
+
+def measure_logits(rows: list[dict], paths: dict, args: argparse.Namespace, gpus: list[str]) -> dict:
+    """The logits cell again with the LM head over every position, against its row (the labelled tokens only)."""
+    if args.device != "cuda":
+        return {"skipped": "not measured on the CPU"}
+    on = next((r for r in rows if r["cell"] == args.logits_cell), None)
+    if on is None or on.get("peak_gib") is None:
+        return {"skipped": f"cell {args.logits_cell} has no run to compare with (--cells)"}
+    off = measure_cell(args.logits_cell, paths, args, gpus, extra=("train.labelled_logits_only=false",),
+                       name=f"{args.logits_cell}-full-logits")
+    if off.get("peak_gib") is None:
+        return {"cell": args.logits_cell, "error": off.get("error")}
+    side = {k: {"peak_gib": r["peak_gib"], "plan_gib": r["plan_gib"], "plan_logits_gib": r["plan_terms_gib"]["logits"]}
+            for k, r in (("on", on), ("off", off))}
+    return {"cell": args.logits_cell, "labelled_tokens": paths["labelled"], **side,
+            "ratio": round(on["peak_gib"] / off["peak_gib"], 3),
+            "saved_gib": round(off["peak_gib"] - on["peak_gib"], 2),
+            "plan_saved_gib": round(off["plan_gib"] - on["plan_gib"], 2)}
 
 
 # --- the report ---------------------------------------------------------------------------------------------
@@ -360,6 +405,19 @@ def format_ddp(ddp: dict) -> str:
             f"{ddp['one_gpu_tokens_per_s']:,.0f} on one GPU: x{ddp['ratio']:.2f}")
 
 
+def format_logits(logits: dict) -> str:
+    if "skipped" in logits:
+        return f"LM head on the labelled tokens only: {logits['skipped']}"
+    if "error" in logits:
+        return f"LM head on every position, cell {logits['cell']}: failed: {logits['error']}"
+    on, off = logits["on"], logits["off"]
+    return (f"LM head on the labelled tokens only ({logits['labelled_tokens']} a sample), cell {logits['cell']}: peak "
+            f"{on['peak_gib']:.2f} GiB (plan {on['plan_gib']:.2f}, logits {on['plan_logits_gib']:.2f}) against "
+            f"{off['peak_gib']:.2f} GiB on every position (plan {off['plan_gib']:.2f}, logits "
+            f"{off['plan_logits_gib']:.2f}): x{logits['ratio']:.3f}, {logits['saved_gib']:.2f} GiB saved "
+            f"(plan: {logits['plan_saved_gib']:.2f})")
+
+
 def _memory_verdict(done: list[dict]) -> tuple[bool, str]:
     low, high = MEMORY_BAND
     outside = [f"{r['cell']} {r['ratio']:.2f}" for r in done if not low <= r["ratio"] <= high]
@@ -375,7 +433,8 @@ def _mfu_verdict(done: list[dict]) -> tuple[bool, str]:
                        + (f"; below: {', '.join(below)}" if below else ""))
 
 
-def verdicts(rows: list[dict], ddp: dict, elapsed_s: float, *, steps: int, on_gpu: bool) -> list[dict]:
+def verdicts(rows: list[dict], ddp: dict, elapsed_s: float, *, steps: int, on_gpu: bool,
+             logits: dict | None = None) -> list[dict]:
     """One verdict per target: passed True / False, or None where it was not measured."""
     done = [r for r in rows if r["status"] == "completed"]
     short = ", ".join(r["cell"] for r in rows if r["status"] != "completed" or r["steps"] != steps)
@@ -391,6 +450,13 @@ def verdicts(rows: list[dict], ddp: dict, elapsed_s: float, *, steps: int, on_gp
             out.append((target, False, f"a completed cell has no {target} figure"))
         else:
             out.append((target, *judge(done)))
+    logits = logits if logits is not None else {"skipped": "not measured"}
+    if "ratio" in logits:
+        out.append(("logits", logits["ratio"] < 1, f"peak with the LM head on the labelled tokens only ÷ on every "
+                                                   f"position < 1: x{logits['ratio']:.3f}"))
+    else:
+        out.append(("logits", False if "error" in logits else None,
+                    logits.get("skipped") or "the full-logits run failed"))
     if "ratio" in ddp:
         out.append(("DDP", ddp["ratio"] >= DDP_TARGET, f"2 GPUs ≥ {DDP_TARGET:g} x one: x{ddp['ratio']:.2f}"))
     else:
@@ -411,7 +477,7 @@ def format_report(result: dict) -> str:
              f"weights), train=rtx4090_qlora at batch {result['batch']} x {result['seq_len']} tokens, "
              f"{result['steps']} steps a cell, on {result['device_name']}", ""]
     lines += format_rows(rows)
-    lines += ["", format_ddp(result["ddp"]), ""]
+    lines += [""] + ([format_logits(result["logits"])] if "logits" in result else []) + [format_ddp(result["ddp"]), ""]
     lines += [format_verdict(v) for v in result["verdicts"]]
     return "\n".join(lines)
 
@@ -431,13 +497,16 @@ def check(args: argparse.Namespace, work: Path) -> dict:
              "checkpoint": build_checkpoint(work / "model", args.shape, args.device),
              "data": write_data(work / "data", args.steps * batch * 2, config["vision_config"]["image_size"],
                                 seq_len)}
+    paths["labelled"] = labelled_tokens(paths["checkpoint"], paths["data"], first)
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "the CPU"
     rows = [measure_cell(cell, paths, args, gpus) for cell in args.cells]
+    logits = measure_logits(rows, paths, args, gpus)
     ddp = measure_ddp(rows, paths, args, gpus)
     elapsed = time.perf_counter() - start
     return {"device": args.device, "device_name": device_name, "shape": args.shape, "batch": batch,
-            "seq_len": seq_len, "steps": args.steps, "cells": rows, "ddp": ddp, "elapsed_s": round(elapsed, 1),
-            "verdicts": verdicts(rows, ddp, elapsed, steps=args.steps, on_gpu=args.device == "cuda")}
+            "seq_len": seq_len, "labelled_tokens": paths["labelled"], "steps": args.steps, "cells": rows,
+            "logits": logits, "ddp": ddp, "elapsed_s": round(elapsed, 1),
+            "verdicts": verdicts(rows, ddp, elapsed, steps=args.steps, on_gpu=args.device == "cuda", logits=logits)}
 
 
 def main(argv: list[str] | None = None) -> int:

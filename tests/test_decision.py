@@ -384,8 +384,8 @@ def test_plans_decision_on_the_7b_preset_ranks_by_cost_and_says_it_is_estimated(
     assert format_decision(decision, cfg.plan.mfu).splitlines() == [
         "the decision per budget (report.budgets) from these estimates, wall-clock as one epoch at MFU 0.35; accuracy "
         "is unknown before any run, so the cells that fit are ranked by cost alone:",
-        "  24 GiB (estimated memory): frozen vision + frozen LLM — the cheapest that fits (15.7 GiB); then frozen "
-        "vision + LoRA LLM (16.1 GiB), unfrozen vision + LoRA LLM (18.6 GiB); full fine-tune does not fit (53.2 GiB)",
-        "  80 GiB (estimated memory): frozen vision + frozen LLM — the cheapest that fits (15.7 GiB); then frozen "
-        "vision + LoRA LLM (16.1 GiB), unfrozen vision + LoRA LLM (18.6 GiB), full fine-tune (53.2 GiB)",
+        "  24 GiB (estimated memory): frozen vision + frozen LLM — the cheapest that fits (13.2 GiB); then frozen "
+        "vision + LoRA LLM (13.5 GiB), unfrozen vision + LoRA LLM (16.1 GiB); full fine-tune does not fit (50.6 GiB)",
+        "  80 GiB (estimated memory): frozen vision + frozen LLM — the cheapest that fits (13.2 GiB); then frozen "
+        "vision + LoRA LLM (13.5 GiB), unfrozen vision + LoRA LLM (16.1 GiB), full fine-tune (50.6 GiB)",
         "  2 h (estimated wall-clock): no cell fits; the cheapest is frozen vision + frozen LLM (19.3 d)"]

@@ -23,6 +23,7 @@ def test_arguments_default_to_the_whole_grid_on_cuda_and_refuse_a_7b_on_the_cpu(
                                  "--steps", "2", "--out", "r.json", "--work", "w"])
     assert (args.device, args.shape, args.cells, args.steps, args.out, args.work) == \
         ("cpu", "tiny", ["full", "frozen_lora"], 2, Path("r.json"), Path("w"))
+    assert gpu_check.parse_args([]).logits_cell == "frozen_lora"  # run again with the LM head on every position
     for bad in (["--device", "cpu"], ["--cells", "lora"], ["--steps", "0"], ["--shape", "13b"]):
         with pytest.raises(SystemExit):
             gpu_check.parse_args(bad)
@@ -49,6 +50,9 @@ def test_a_cell_is_the_preset_run_as_python_m_vlmablate_and_ddp_is_torchrun(monk
                                    steps=2, device="cpu", max_length=128)
     assert cpu[2] == "quant=nf4" and cpu[-4:] == ["model.max_length=128", "train.use_cpu=true",
                                                   "train.dataloader_num_workers=0", "train.optim=adamw_torch"]
+    counted = gpu_check.cell_overrides("full", Path("/w/model"), Path("/w/data/records.json"), Path("/w"),
+                                       steps=10, device="cuda", max_length=None, labelled=1430)
+    assert counted == [*overrides, "plan.labelled_tokens=1430"]  # plan's logits term counts the data's answers
     cfg, _ = gpu_check.compose(gpu_check.cell_overrides("frozen_lora", Path("/w/model"), Path("/w/d.json"),
                                                         Path("/w"), steps=10, device="cuda", max_length=None))
     assert (cfg.train.per_device_train_batch_size, cfg.model.max_length, cfg.quant.mode, cfg.quant.double_quant,
@@ -94,7 +98,7 @@ def test_a_cell_short_of_disk_is_refused_before_it_loads_anything(monkeypatch, t
              "max_length": None}
     row = gpu_check.measure_cell("full", paths, gpu_check.parse_args([]), ["0"])
     assert (row["status"], row["quant"], row["plan_trainable"], row["plan_gib"], row["paged_optimizer_gib"]) == \
-        ("failed", "none", 7_050_828_800, 45.13, 13.13)
+        ("failed", "none", 7_050_828_800, 44.03, 13.13)  # logits on plan.labelled_tokens' 512 a sample
     assert row["error"] == (f"its run directory needs ~40.4 GiB of disk (checkpoint, optimizer states, final/), "
                             f"30.0 GiB free in {tmp_path}")
 
@@ -148,8 +152,13 @@ def test_the_report_of_a_crafted_result_set():
                                          {"status": "failed", "error": "OutOfMemoryError: CUDA out of memory"},
                                          measured_memory=True, optim="paged_adamw_8bit"))
     ddp = {"cell": "frozen_lora", "gpus": 2, "tokens_per_s": 10500.0, "one_gpu_tokens_per_s": 5432.1, "ratio": 1.933}
+    logits = {"cell": "frozen_lora", "labelled_tokens": 1430,
+              "on": {"peak_gib": 12.5, "plan_gib": 14.2, "plan_logits_gib": 1.02},
+              "off": {"peak_gib": 13.8, "plan_gib": 14.65, "plan_logits_gib": 1.47},
+              "ratio": 0.906, "saved_gib": 1.3, "plan_saved_gib": 0.45}
     result = {"shape": "7b", "batch": 4, "seq_len": 2048, "steps": 10, "device_name": "NVIDIA H200", "cells": rows,
-              "ddp": ddp, "verdicts": gpu_check.verdicts(rows, ddp, 371.6, steps=10, on_gpu=True)}
+              "logits": logits, "ddp": ddp,
+              "verdicts": gpu_check.verdicts(rows, ddp, 371.6, steps=10, on_gpu=True, logits=logits)}
     # ratios: 9.12 / (11 - 0.04) = 0.832, 12.5 / (14.2 - 0.11) = 0.887, 41 / (60.25 - 12.6) = 0.860;
     # MFU = achieved / peak: 396 / 989.4 = 0.400, 346.29 / 989.4 = 0.350, 250 / 989.4 = 0.253
     assert gpu_check.format_report(result).splitlines() == [
@@ -170,12 +179,15 @@ def test_the_report_of_a_crafted_result_set():
         "max_memory_allocated does not count",
         "full: tokens/s and MFU count writing its last checkpoint (27.9 GiB) as training time",
         "",
+        "LM head on the labelled tokens only (1430 a sample), cell frozen_lora: peak 12.50 GiB (plan 14.20, logits "
+        "1.02) against 13.80 GiB on every position (plan 14.65, logits 1.47): x0.906, 1.30 GiB saved (plan: 0.45)",
         "DDP over NCCL, 2 GPUs, cell frozen_lora: 10,500 tokens/s against 5,432 on one GPU: x1.93",
         "",
         "verdict runs   FAIL  every cell trained 10 steps; not: unfrozen_lora",
         "verdict params PASS  plan's trainable count is the runner's in every cell",
         "verdict memory PASS  peak ÷ plan in [0.70, 1.00] in every cell (0.83-0.89)",
         "verdict MFU    FAIL  ≥ plan.mfu 0.35, what plan's time estimates assume, in every cell; below: full 0.253",
+        "verdict logits PASS  peak with the LM head on the labelled tokens only ÷ on every position < 1: x0.906",
         "verdict DDP    PASS  2 GPUs ≥ 1.8 x one: x1.93",
         "verdict time   PASS  the whole check in ≤ 480 s: 372 s",
     ]
@@ -187,6 +199,7 @@ def test_the_report_of_a_crafted_result_set():
         "61,018,112",
         "verdict memory FAIL  peak ÷ plan in [0.70, 1.00] in every cell (0.86-1.04); outside: frozen_frozen 1.04",
         "verdict MFU    FAIL  ≥ plan.mfu 0.35, what plan's time estimates assume, in every cell; below: full 0.253",
+        "verdict logits n/a   not measured",
         "verdict DDP    n/a   1 CUDA device visible",
         "verdict time   FAIL  the whole check in ≤ 480 s: 500 s",
     ]
@@ -217,9 +230,13 @@ def test_the_tiny_check_trains_every_cell_on_the_cpu_through_the_runner(tmp_path
     for r in rows:  # every sample is cut to exactly model.max_length: batch 4 x 128 tokens a step, no padding
         assert (r["tokens"], r["padding_efficiency"], r["peak_gib"], r["ratio"]) == (2 * 4 * 128, 1.0, None, None)
         assert r["tokens_per_s"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / r["peak_tflops"], rel=1e-4)
-    assert result["ddp"] == {"skipped": "not measured on the CPU"}
+    assert result["ddp"] == result["logits"] == {"skipped": "not measured on the CPU"}
+    # the answer fills every sample after the system prompt, the 16 image tokens and the question: plan counts
+    # those logits (53 with the tiny tokenizer)
+    assert 128 // 4 < result["labelled_tokens"] < 128 - 16
     assert [(v["target"], v["passed"]) for v in result["verdicts"]] == [
-        ("runs", True), ("params", True), ("memory", None), ("MFU", None), ("DDP", None), ("time", True)]
+        ("runs", True), ("params", True), ("memory", None), ("MFU", None), ("logits", None), ("DDP", None),
+        ("time", True)]
     printed = capsys.readouterr().out.splitlines()  # a library may log to stdout before the report
     report = printed[next(k for k, line in enumerate(printed) if line.startswith("gpu_check: ")):]
     assert report[0] == ("gpu_check: llava-1.5-7b-shaped model (tiny, 215,584 parameters, random weights), "
@@ -228,7 +245,7 @@ def test_the_tiny_check_trains_every_cell_on_the_cpu_through_the_runner(tmp_path
                                                           ["frozen_lora", "nf4", "41,088"],
                                                           ["unfrozen_lora", "nf4", "77,632"],
                                                           ["full", "none", "206,976"]]
-    assert report[-6] == "verdict runs   PASS  every cell trained 2 steps"
+    assert report[-7] == "verdict runs   PASS  every cell trained 2 steps"
     assert not (tmp_path / "w" / "runs" / "full").exists()  # each run directory goes once its summary is read
     saved = json.loads((tmp_path / "w" / "model" / "config.json").read_text())
     assert (saved["text_config"]["hidden_size"], saved["image_seq_length"], saved["image_token_index"]) == (64, 16, 4)

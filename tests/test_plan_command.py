@@ -7,7 +7,7 @@ import pytest
 from conftest import compose_run
 
 from vlmablate.model.plan import parameter_table, resolve_plan
-from vlmablate.plan import count_cell, format_grid, grid_cells, plan_cell
+from vlmablate.plan import count_cell, format_grid, format_plan, grid_cells, plan_cell
 from vlmablate.train.runner import load_cell_model, prepare_model
 
 CELLS = [
@@ -65,7 +65,18 @@ def test_memory_terms_and_the_grid():
     other = result["params"]["total"] - quantized
     weights = quantized * (0.5 + (1 + 4 / 256) / 64) + other * 4
     assert mem["weights"] == pytest.approx(weights / 2**30, abs=0.01)
-    assert mem["logits"] == pytest.approx(4 * 2048 * 32064 * 6 / 2**30, abs=0.01)
+    # the LM head on the labelled tokens only (plan.labelled_tokens a sample), or on every position with it off
+    assert mem["logit_rows"] == 512 and mem["logits"] == pytest.approx(4 * 512 * 32064 * 6 / 2**30, abs=0.01)
+    full = plan_cell(compose_run("model=llava16_mistral_7b", "quant=nf4", "train=rtx4090_qlora", "eval=none",
+                                 "plan.seq_len=2048", "train.labelled_logits_only=false")[0])["memory_gib"]
+    assert full["logit_rows"] == 2048 and full["logits"] == pytest.approx(4 * 2048 * 32064 * 6 / 2**30, abs=0.01)
+    assert full["total"] - mem["total"] == pytest.approx(full["logits"] - mem["logits"], abs=0.02)
+    longer = plan_cell(compose_run("model=llava16_mistral_7b", "quant=nf4", "train=rtx4090_qlora", "eval=none",
+                                   "plan.seq_len=256", "plan.labelled_tokens=1000")[0])["memory_gib"]
+    assert longer["logit_rows"] == 256  # never more than the sequence
+    assert "assistant tokens ≈ 512 per sample; plan.labelled_tokens=N changes it" in format_plan(result, 24)
+    assert "logits on all 2048 tokens of a sample (train.labelled_logits_only=false)" in format_plan(
+        {**result, "memory_gib": full}, 24)
     assert mem["activations_vision"] == 0 and mem["fits"]
     unchecked = plan_cell(compose_run("model=llava16_mistral_7b", "quant=nf4", "train=rtx4090_qlora", "eval=none",
                                       "plan.seq_len=2048", "train.gradient_checkpointing=false")[0])

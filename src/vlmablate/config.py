@@ -242,6 +242,10 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    # The LM head only on the positions the loss reads (the labelled ones, shifted by one; train/loss.py): the
+    # same loss and gradients without the full (batch, sequence, vocabulary) logits. false: the library's
+    # full-logits path, for debugging.
+    labelled_logits_only: bool = True
     logging_steps: int = 1
     progress: bool = True  # progress bars
     save_steps: int = 500
@@ -357,6 +361,9 @@ class PlanConfig:
     grid: bool = True  # also plan the reference freeze table's four cells
     gpu: str = "rtx4090"  # the GPU of the time estimate: a key of train/mfu.py's GPU_PEAKS (its bf16 dense peak)
     mfu: float = 0.35  # the model FLOPs utilisation the time estimate assumes
+    # Assistant (labelled) tokens a sample, for the logits term under train.labelled_logits_only (at most
+    # the sequence length). LLaVA's answers run to a few hundred tokens; long text-only chats have more.
+    labelled_tokens: int = 512
 
 
 @dataclass

@@ -11,7 +11,9 @@ per-component table is counted the same way. Then peak GPU memory is estimated t
   torch AdamW: two states in the parameter's dtype);
 - activations of the LLM: 34·hidden bytes per token and layer without gradient checkpointing (Korthikanti
   et al. 2022, with the attention matrix never stored, as SDPA does); with it, each layer's input
-  plus one layer recomputed; the logits in the compute dtype and in fp32 for the loss;
+  plus one layer recomputed; the logits in the compute dtype and in fp32 for the loss, on the labelled
+  tokens only (`plan.labelled_tokens` a sample, as `train.labelled_logits_only` runs the LM head; every
+  position with it off);
 - activations of a vision tower that trains, per image token the same way (LLaVA-NeXT: up to 5 tiles);
 - a fixed 1 GiB for the CUDA context and allocator slack.
 
@@ -173,6 +175,14 @@ def _dtype_bytes(cfg: RunConfig) -> int:
     return 4 if cfg.model.torch_dtype in ("float32", "auto") else 2
 
 
+def logit_rows(cfg: RunConfig, seq: int) -> int:
+    """Positions a sample runs the LM head on: its labelled tokens (`plan.labelled_tokens`, at most `seq`) under
+    `train.labelled_logits_only`, else every position."""
+    if cfg.plan.labelled_tokens < 1:
+        raise ConfigError(f"plan.labelled_tokens={cfg.plan.labelled_tokens}: assistant tokens a sample, >= 1")
+    return min(cfg.plan.labelled_tokens, seq) if cfg.train.labelled_logits_only else seq
+
+
 def estimate_memory(cfg: RunConfig, table: dict, config) -> dict:
     """Peak GPU memory by term, in GiB (see the module docstring for the model)."""
     rows, quant = table["components"], cfg.quant.mode
@@ -205,7 +215,7 @@ def estimate_memory(cfg: RunConfig, table: dict, config) -> dict:
         llm_act = text.num_hidden_layers * 2 * text.hidden_size * tokens + per_layer
     else:
         llm_act = text.num_hidden_layers * per_layer
-    logits = tokens * text.vocab_size * (dtype + 4)
+    logits = batch * logit_rows(cfg, seq) * text.vocab_size * (dtype + 4)
     vision_act = 0.0
     if rows["vision"]["trainable"]:
         v = config.vision_config
@@ -220,6 +230,7 @@ def estimate_memory(cfg: RunConfig, table: dict, config) -> dict:
     gib["runtime"] = RUNTIME_GIB
     gib["total"] = round(sum(terms.values()) / GIB + RUNTIME_GIB, 2)
     gib["batch"], gib["seq_len"] = batch, seq
+    gib["logit_rows"], gib["labelled_logits_only"] = logit_rows(cfg, seq), cfg.train.labelled_logits_only
     gib["fits"] = gib["total"] <= cfg.plan.gpu_gb
     return gib
 
@@ -313,6 +324,11 @@ def format_plan(result: dict, gpu_gb: float) -> str:
     verdict = "fits" if mem["fits"] else "does NOT fit"
     lines.append(f"peak GPU memory ≈ {mem['total']:.1f} GiB at batch {mem['batch']} × {mem['seq_len']} tokens "
                  f"({terms}): {verdict} in {gpu_gb:g} GiB")
+    if mem["labelled_logits_only"]:
+        lines.append(f"logits on the labelled tokens only (train.labelled_logits_only): assistant tokens ≈ "
+                     f"{mem['logit_rows']} per sample; plan.labelled_tokens=N changes it")
+    else:
+        lines.append(f"logits on all {mem['seq_len']} tokens of a sample (train.labelled_logits_only=false)")
     return "\n".join(lines)
 
 

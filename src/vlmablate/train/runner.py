@@ -464,6 +464,7 @@ def make_trainer(cfg: RunConfig, args: TrainingArguments, loaded: LoadedCell, da
         bad_tally=bad_tally,
         record_data_order=cfg.train.record_data_order,
         checkpoint_on_sigterm=cfg.train.checkpoint_on_sigterm,
+        labelled_logits_only=cfg.train.labelled_logits_only,
     )
 
 

@@ -39,9 +39,12 @@ _CELL_KEYS = ("stage", "freeze", "vision", "cell", "data", "eval", "model.pretra
 # on, or with W&B, still finds its finished cells). The MFU peak, the plan command's GPU, MFU and data
 # size, the report's budgets and the retention evaluation came later: left out, they also keep the hashes
 # (stage-1 caches, finished cells) made before them. A finished cell found again keeps its summary, so it
-# has no retention section until it is run anew.
+# has no retention section until it is run anew. `train.labelled_logits_only` runs the LM head on fewer rows
+# for the same loss and gradients (to float rounding; tests/test_labelled_logits.py): a memory setting, as
+# `plan.labelled_tokens` is an estimate's.
 _UNHASHED = ("logger", "train.progress", "train.resume", "train.checkpoint_on_sigterm", "train.record_data_order",
-             "train.peak_tflops", "data.size", "plan.gpu", "plan.mfu", "report", "eval.retention")
+             "train.peak_tflops", "train.labelled_logits_only", "data.size", "plan.gpu", "plan.mfu",
+             "plan.labelled_tokens", "report", "eval.retention")
 
 
 def compose_config(overrides: list[str]):

@@ -27,6 +27,8 @@ from vlmablate.model.plan import FreezePlan, unwrap
 from vlmablate.train import checkpoints
 from vlmablate.train import distributed as dist
 from vlmablate.train.artifacts import load_artifacts, save_artifacts
+from vlmablate.train.loss import SUPPORTED as LABELLED_LOGITS_SUPPORTED
+from vlmablate.train.loss import with_labelled_logits_only
 from vlmablate.train.mfu import sample_shapes
 from vlmablate.train.optim import parameter_groups
 
@@ -147,7 +149,8 @@ def _frozen_quantized_llm_allowed(model, plan: FreezePlan):
 class VlmTrainer(Trainer):
     def __init__(self, *args, plan: FreezePlan, plan_record: dict, sampler: str = "random",
                  lengths: list[int] | None = None, bad_tally: BadRecordTally | None = None,
-                 record_data_order: bool = False, checkpoint_on_sigterm: bool = True, **kwargs):
+                 record_data_order: bool = False, checkpoint_on_sigterm: bool = True,
+                 labelled_logits_only: bool = True, **kwargs):
         with _frozen_quantized_llm_allowed(kwargs.get("model"), plan):
             super().__init__(*args, **kwargs)
         # Rotation happens here, after a checkpoint is marked complete (see checkpoints.py), not in Trainer.
@@ -181,6 +184,7 @@ class VlmTrainer(Trainer):
         self.sample_shapes: Counter = Counter()
         self.resumed_tokens = 0  # real_tokens a resumed run starts from (trained by an earlier attempt)
         self._model_config = unwrap(self.model).config
+        self.labelled_logits_only = labelled_logits_only  # the LM head only where the loss reads (train/loss.py)
 
     # --- sampling ----------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -234,8 +238,19 @@ class VlmTrainer(Trainer):
             self.samples_seen += labels.shape[0]
             self.fully_masked_samples += int((labels == IGNORE_INDEX).all(dim=1).sum())
             self._check_masking()
+            if self._labelled_logits_apply():
+                inputs = with_labelled_logits_only(inputs)
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def _labelled_logits_apply(self) -> bool:
+        """Training only: evaluation and `prediction_step` keep the library's full logits. Trainer's own loss
+        stays where it replaces the model's (label smoothing, `compute_loss_func`, DeepSpeed sequence
+        parallelism), since those read the full logits or shard the sequence."""
+        parallel = getattr(self.accelerator, "parallelism_config", None)
+        sequence_parallel = parallel is not None and getattr(parallel, "sp_enabled", False)
+        return (self.labelled_logits_only and LABELLED_LOGITS_SUPPORTED and self.label_smoother is None
+                and self.compute_loss_func is None and not sequence_parallel)
 
     def _check_masking(self, min_samples: int = 16) -> None:
         """Stop a run that mostly trains on samples without one labelled token (a silent loss of 0)."""
