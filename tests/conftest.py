@@ -65,3 +65,21 @@ def run_cell(tmp_path):
         return run(cfg, tmp_path / name, composed=composed, overrides=list(overrides))
 
     return _run
+
+
+# The tiny Llava (64 px, 16 px patches) and the test world's files, shared by the evaluation tests.
+@pytest.fixture(scope="module")
+def world_files():
+    from vlmablate.world.build import ensure_world_data
+
+    return ensure_world_data(compose_run("world=test")[0].world, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vlmablate.model.tiny import TinySpec, save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), TinySpec(image_size=64, patch_size=16))
+    return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)

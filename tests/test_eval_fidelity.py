@@ -12,7 +12,6 @@ import shutil
 import pytest
 from conftest import compose_run
 from test_eval_mmbench import COPIES, HEADER, MAINS, Q2, _write
-from transformers import AutoProcessor
 
 from vlmablate.config import EvalConfig
 from vlmablate.eval import run as eval_run
@@ -22,24 +21,9 @@ from vlmablate.eval.extract import EXTRACTIONS, PANDAS_NA, extract_choice, infer
 from vlmablate.eval.mmbench import read_mmbench_tsv
 from vlmablate.eval.submission import write_submission
 from vlmablate.eval.suite import check_benchmark_files, run_eval
-from vlmablate.model.tiny import TinySpec, save_tiny_checkpoint
 from vlmablate.report.compare import evaluation_notes, paired_tests, write_report
-from vlmablate.world.build import ensure_world_data
 
 YES_NO = {"A": "yes", "B": "no"}
-
-
-@pytest.fixture(scope="module")
-def world_files():
-    return ensure_world_data(compose_run("world=test")[0].world, progress=False)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import LlavaForConditionalGeneration
-
-    folder = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), TinySpec(image_size=64, patch_size=16))
-    return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
 
 
 # ----------------------------------------------------------------------------- 1. replies pandas reads as NaN

@@ -11,27 +11,11 @@ import sys
 
 import pytest
 from conftest import compose_run
-from transformers import AutoProcessor
 
 from vlmablate.config import ConfigError, EvalConfig, validate
 from vlmablate.eval import run as eval_run
 from vlmablate.eval.mmbench import read_mmbench_tsv
 from vlmablate.eval.suite import run_eval
-from vlmablate.model.tiny import TinySpec, save_tiny_checkpoint
-from vlmablate.world.build import ensure_world_data
-
-
-@pytest.fixture(scope="module")
-def world_files():
-    return ensure_world_data(compose_run("world=test")[0].world, progress=False)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import LlavaForConditionalGeneration
-
-    folder = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), TinySpec(image_size=64, patch_size=16))
-    return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
 
 
 def test_prompt_is_llava_mmbench_prompt_in_the_chat_template(tiny, world_files):
@@ -134,7 +118,6 @@ def test_test_split_writes_the_submission_and_logs_without_a_score(tiny, world_f
 
 
 def test_eval_split_and_extraction_are_validated_choices():
-    from conftest import compose_run
 
     cfg, _ = compose_run("model=tiny_random", "eval=mmbench", "eval.split=test", "eval.extraction=vlmevalkit_c3371551")
     validate(cfg)
